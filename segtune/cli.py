@@ -1,0 +1,164 @@
+"""The `segtune` command line. Subcommands import their modules lazily, so `--help` is fast.
+
+User errors (bad config, data, checkpoints, unreachable servers) print one paragraph and exit 1;
+tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help="Fine-tune promptable segmentation models with Ray Tune sweeps tracked in MLflow.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+server_app = typer.Typer(help="The local MLflow tracking server (SQLite + local artifacts, on 127.0.0.1).",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_FILE = REPO / "experiments" / "demo.yaml"
+SetOpt = typer.Option(None, "--set", help="Override a field: --set train.lr=3e-4 (repeatable).")
+UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: the file's tracking.uri).")
+HomeOpt = typer.Option(Path(".segtune/mlflow"), "--home", help="Folder of the local server's database and artifacts.")
+
+
+def say(line: str) -> None:
+    typer.echo(line)
+
+
+def _load(file: Path, overrides: Optional[List[str]], uri: Optional[str]):
+    from segtune.config import load_config
+
+    sets = list(overrides or [])
+    if uri:
+        sets.append(f"tracking.uri={uri}")
+    return load_config(file, sets)
+
+
+@app.command()
+def sweep(file: Path = typer.Argument(..., help="Experiment YAML file."),
+          tracking_uri: Optional[str] = UriOpt,
+          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray://host:10001 or auto); "
+                                                "default RAY_ADDRESS, else a local Ray."),
+          set_: Optional[List[str]] = SetOpt) -> None:
+    """Run a hyperparameter sweep (Ray Tune + Optuna TPE + ASHA), each trial an MLflow child run."""
+    from segtune.launch import sweep as run
+    from segtune.report import print_runs
+
+    cfg = _load(file, set_, tracking_uri)
+    outcome = run(cfg, address=address, log=say)
+    print_runs(cfg.tracking.uri, cfg.tracking.experiment, outcome.sweep_id)
+    say(f"Promote the best trial: segtune promote {cfg.tracking.experiment} --tracking-uri {cfg.tracking.uri}")
+
+
+@app.command()
+def train(file: Path = typer.Argument(..., help="Experiment YAML file."),
+          tracking_uri: Optional[str] = UriOpt,
+          out: Path = typer.Option(Path(".segtune/train"), "--out", help="Folder for checkpoints."),
+          no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
+          set_: Optional[List[str]] = SetOpt) -> None:
+    """Train one trial with the file's values (no Ray): the same loop a sweep's trials run."""
+    from segtune.launch import train_one
+
+    cfg = _load(file, set_, tracking_uri)
+    metrics = train_one(cfg, out.resolve(), track=not no_track, log=say)
+    say(f"test/iou {metrics.get('test/iou', float('nan')):.4f}; checkpoints in {out / 'checkpoints'}")
+
+
+@app.command()
+def promote(experiment: str = typer.Argument(..., help="MLflow experiment name (the file's tracking.experiment)."),
+            tracking_uri: str = typer.Option("http://127.0.0.1:5000", "--tracking-uri", help="MLflow tracking URI."),
+            metric: str = typer.Option("val/dice_best", "--metric", help="Validation metric to select on."),
+            mode: str = typer.Option("max", "--mode", help="max or min."),
+            alias: str = typer.Option("champion", "--alias", help="Alias to move to the new version."),
+            sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep)."),
+            run_id: Optional[str] = typer.Option(None, "--run", help="Promote this run instead of the best.")) -> None:
+    """Register the best finished trial's verified checkpoint and point an alias at it."""
+    from segtune.report import promote_and_print
+
+    promote_and_print(tracking_uri, experiment, metric=metric, mode=mode, alias=alias, sweep_id=sweep_id,
+                      run_id=run_id, log=say)
+
+
+@app.command()
+def runs(experiment: str = typer.Argument(..., help="MLflow experiment name."),
+         tracking_uri: str = typer.Option("http://127.0.0.1:5000", "--tracking-uri", help="MLflow tracking URI."),
+         sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep).")) -> None:
+    """A table of a sweep's trials, read back from MLflow."""
+    from segtune.report import print_runs
+    from tracking.server import check_server
+
+    check_server(tracking_uri)
+    print_runs(tracking_uri, experiment, sweep_id)
+
+
+@app.command()
+def demo(tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                                    help="Use this MLflow server instead of starting a local one."),
+         quick: bool = typer.Option(False, "--quick", help="3 short trials on fewer patches (about a minute)."),
+         home: Path = HomeOpt,
+         set_: Optional[List[str]] = SetOpt) -> None:
+    """Synthetic EM data -> local MLflow server -> 8-trial sweep of a tiny SAM -> promoted champion."""
+    from segtune.demo import run_demo
+
+    run_demo(DEMO_FILE, tracking_uri=tracking_uri, quick=quick, home=home, overrides=set_ or [], log=say)
+
+
+@server_app.command("start")
+def server_start(home: Path = HomeOpt,
+                 port: Optional[int] = typer.Option(None, "--port", help="Port (default 5000, else a free one).")) -> None:
+    """Start the local MLflow server (or report the one already running for HOME)."""
+    from tracking.server import start_server
+
+    info = start_server(home.resolve(), port=port)
+    say(f"MLflow server pid {info.pid} at {info.uri} (data in {info.home}, log {info.log})")
+    say(info.ui_hint())
+
+
+@server_app.command("stop")
+def server_stop(home: Path = HomeOpt) -> None:
+    """Stop the local MLflow server recorded in HOME (by its pid)."""
+    from tracking.server import stop_server
+
+    say("stopped" if stop_server(home.resolve()) else f"no server running for {home}")
+
+
+@server_app.command("status")
+def server_status(home: Path = HomeOpt) -> None:
+    """Say whether the local MLflow server for HOME runs, and where."""
+    from tracking.server import server_status as status
+
+    info = status(home.resolve())
+    if info is None:
+        say(f"no server running for {home}")
+        raise typer.Exit(1)
+    say(f"running: pid {info.pid} at {info.uri} (data in {info.home})")
+
+
+def main() -> None:
+    """Console entry point: user errors as one paragraph, exit code 1, no traceback."""
+    from segtune.errors import SegtuneError
+    from tracking.errors import TrackingError
+
+    try:
+        app()
+    except (SegtuneError, TrackingError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg=typer.colors.RED, err=True)
+        sys.exit(130)
+    except Exception as err:
+        from mlflow.exceptions import MlflowException  # only now: importing mlflow costs a second
+
+        if not isinstance(err, MlflowException):
+            raise
+        typer.secho(f"error: the tracking server refused a request: {err.message}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Experiment files: pydantic models, loading, and `--set` overrides.
+
+An experiment file is YAML with the sections below. Every section rejects unknown keys, so a
+typo fails before anything starts, with the file and the field path in the message.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from segtune.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DatasetConfig(_Section):
+    name: str
+    root: str
+    patch_size: int = Field(256, gt=0)
+    drop_empty: bool = True
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    cache_dir: str = ".segtune/cache"
+    # Caps on samples per split, for quick runs; None keeps every sample.
+    max_train: int | None = Field(None, gt=0)
+    max_eval: int | None = Field(None, gt=0)
+
+
+class ModelConfig(_Section):
+    name: str
+    variant: str
+    checkpoint: str | None = None
+    train: str = "full"
+
+    @property
+    def key(self) -> str:
+        """The model's name in registered-model names and tags, e.g. `sam_tiny`."""
+        return f"{self.name}_{self.variant}"
+
+
+class PromptConfig(_Section):
+    train: str = "random_point"
+    eval: str = "random_point"
+    text: str | None = None
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(4, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    loss: str = "dice"
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+
+
+class SearchDim(_Section):
+    """One dimension of a search space: exactly one of the four distributions."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    choice: list[Any] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchDim":
+        given = [k for k in ("loguniform", "uniform", "choice", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform: [low, high], uniform: [low, high], "
+                             f"choice: [...], randint: [low, high] (got {given or 'none'})")
+        lo_hi = self.loguniform or self.uniform or self.randint
+        if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+            raise ValueError(f"low must be below high (got {list(lo_hi)})")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform bounds must be positive")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "choice", "randint") if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+
+class SearchConfig(_Section):
+    space: dict[str, SearchDim] = Field(default_factory=dict)
+    num_samples: int = Field(8, gt=0)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    searcher: Literal["optuna", "random"] = "optuna"
+    metric: str = "val/dice"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent: int = Field(2, gt=0)
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: int = Field(2, gt=1)
+    max_failures: int = Field(1, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    storage_path: str = ".segtune/ray_results"
+
+
+class ResourcesConfig(_Section):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+
+
+class TrackingConfig(_Section):
+    uri: str = "http://127.0.0.1:5000"
+    experiment: str = "segtune"
+
+
+class ExperimentConfig(_Section):
+    name: str
+    dataset: DatasetConfig
+    model: ModelConfig
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ "):
+            raise ValueError("use a short name without spaces or slashes")
+        return v
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{path or '(top level)'}: {msg}")
+    return f"{source}: invalid experiment file — " + "; ".join(lines) + "."
+
+
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict; search-space keys like `search.space.train.lr` keep their dots."""
+    parts = dotted.split(".")
+    if parts[:2] == ["search", "space"] and len(parts) > 2:
+        raw.setdefault("search", {}).setdefault("space", {})[".".join(parts[2:])] = value
+        return
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise ConfigError(f"--set {dotted}: `{p}` is not a section")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.field=value, e.g. --set train.epochs=5")
+    key, value = text.split("=", 1)
+    parsed = yaml.safe_load(value) if value else None
+    # YAML reads 3e-4 as a string (it wants 3.0e-4); users write it the Python way.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
+
+
+def validate(raw: dict, source: str = "<config>") -> ExperimentConfig:
+    """Validate a raw dict, raising ConfigError naming `source` and the field path."""
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    for key in cfg.search.space:
+        probe = cfg.model_dump()
+        try:
+            set_path(probe, key, _any_value(cfg.search.space[key]))
+            ExperimentConfig.model_validate(probe)
+        except (ValidationError, ConfigError) as err:
+            raise ConfigError(f"{source}: search.space.{key}: does not name a valid field of the "
+                              f"experiment ({err.__class__.__name__}: "
+                              f"{_format_errors(err, 'value') if isinstance(err, ValidationError) else err})") from None
+    return cfg
+
+
+def _any_value(dim: SearchDim) -> Any:
+    return dim.choice[0] if dim.choice is not None else dim.args[0]
+
+
+def load_raw(path: Path) -> dict:
+    """Read an experiment file as a dict, with clear errors for missing or malformed YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections dataset, model, train, ...")
+    return raw
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load and validate an experiment file, applying `--set section.field=value` overrides."""
+    raw = load_raw(path)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_path(raw, key, value)
+    return validate(raw, str(path))
+
+
+def apply_params(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
+    """A copy of `cfg` with dotted-path parameters (a trial's sampled values) applied."""
+    raw = copy.deepcopy(cfg.model_dump())
+    for key, value in params.items():
+        set_path(raw, key, value)
+    return validate(raw, "trial parameters")
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Flat `section.field` -> value dict, as logged to MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", cfg.model_dump(exclude={"search"}))
+    return out

@@ -1,0 +1,37 @@
+"""Model families behind one interface (`Segmenter`), registered in MODELS by YAML name.
+
+Each entry is a thin builder `(variant, checkpoint) -> Segmenter`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from segtune.config import ModelConfig
+from segtune.errors import ConfigError
+from segtune.models.base import Segmenter, load_state_strict
+from segtune.models.sam import build_sam
+
+MODELS: dict[str, Callable[[str, str | None], Segmenter]] = {
+    "sam": build_sam,
+}
+
+# Random initialisation is seeded with this, so the frozen part of a randomly initialised model
+# (the tiny presets) is the same in every process and a checkpoint of trainable weights suffices.
+INIT_SEED = 0
+
+
+def build_model(cfg: ModelConfig) -> Segmenter:
+    """Build the model a config names, with its training policy applied."""
+    if cfg.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {cfg.name!r}; expected one of {', '.join(MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        model = MODELS[cfg.name](cfg.variant, cfg.checkpoint)
+    model.set_policy(cfg.train)
+    return model
+
+
+__all__ = ["MODELS", "Segmenter", "build_model", "load_state_strict"]

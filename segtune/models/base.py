@@ -1,0 +1,72 @@
+"""The interface every model family implements, and strict state-dict loading."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from segtune.errors import CheckpointError
+from segtune.prompts import PromptBatch
+
+
+class Segmenter(nn.Module):
+    """Images + prompts in, mask logits `(B,1,H,W)` at the input size out.
+
+    Subclasses implement `encode` (the image encoder, cacheable when frozen), `decode` (prompt
+    encoder + mask decoder on encoder output) and `parameter_groups(policy)`.
+    """
+
+    policies: tuple[str, ...] = ()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, size: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameter_groups(self, policy: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+        return self.decode(self.encode(images), prompts, tuple(images.shape[-2:]))
+
+    def set_policy(self, policy: str) -> list[nn.Parameter]:
+        """Freeze everything but the policy's parameters; return those."""
+        trainable = self.parameter_groups(policy)
+        ids = {id(p) for p in trainable}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in ids)
+        return trainable
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint stores: the parameters that train under the current policy."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                      only: set[str] | None = None) -> None:
+    """Load `state` into `module`, failing with the missing/unexpected keys named.
+
+    With `only`, the state must hold exactly those keys (a partial checkpoint of trainable
+    weights); otherwise it must match the module's whole state dict.
+    """
+    own = module.state_dict()
+    expected = set(own) if only is None else only
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape_bad = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shape_bad:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({show(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({show(unexpected)})")
+        if shape_bad:
+            parts.append(f"{len(shape_bad)} keys of another shape ({show(shape_bad)})")
+        raise CheckpointError(f"{source}: the checkpoint does not fit {module.__class__.__name__}: "
+                              + "; ".join(parts) + ". Is it a checkpoint for another model or variant?")
+    module.load_state_dict(dict(state), strict=only is None)

@@ -1,0 +1,54 @@
+"""Console output of runs and promotions (rich tables over tracking's plain rows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+SERVING_CODE = Path(__file__).with_name("serving.py")
+# What a promoted model needs where it is loaded; segtune itself must be installed there too.
+SERVING_REQUIREMENTS = ["torch>=2.4", "torchvision", "segment-anything", "safetensors", "numpy", "mlflow"]
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def print_runs(uri: str, experiment: str, sweep_id: str | None = None, champion_run: str | None = None,
+               console: Console | None = None) -> None:
+    """Print the sweep's trials: parameters, validation and test scores, status."""
+    from tracking.report import sweep_rows
+
+    rows = sweep_rows(uri, experiment, sweep_id)
+    console = console or Console()
+    if not rows:
+        console.print(f"no sweep trials in experiment {experiment!r} at {uri}")
+        return
+    table = Table(title=f"{experiment}: {len(rows)} trials", title_justify="left")
+    for col in ("trial", "lr", "batch", "epochs", "val/dice_best", "test/iou", "status"):
+        table.add_column(col, justify="right" if col not in ("trial", "status") else "left")
+    for r in rows:
+        star = " ★ champion" if r.run_id == champion_run else ""
+        val = _fmt(r.val_dice_best) if r.val_dice_best is not None else f"({_fmt(r.val_dice_last)} last)"
+        table.add_row(r.trial_id, _fmt(r.lr, ".2e"), str(r.batch_size), str(r.epochs), val,
+                      _fmt(r.test_iou), r.status + star)
+    console.print(table)
+
+
+def promote_and_print(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: str = "max",
+                      alias: str = "champion", sweep_id: str | None = None, run_id: str | None = None,
+                      log: Callable[[str], None] = print):
+    """Promote (see tracking.registry.promote) and say what was registered."""
+    from tracking.registry import promote
+    from tracking.server import check_server
+
+    check_server(uri)
+    p = promote(uri, experiment, code_path=SERVING_CODE, metric=metric, mode=mode, alias=alias,
+                sweep_id=sweep_id, run_id=run_id, pip_requirements=SERVING_REQUIREMENTS, log=log)
+    log(f"registered {p.name} version {p.version} (run {p.run_id}, {p.metric}={p.value:.4f}, "
+        f"sha256 {p.sha256[:12]}…); alias '{p.alias}' -> v{p.version}")
+    log(f"load it: mlflow.pyfunc.load_model('{p.model_uri}')")
+    return p

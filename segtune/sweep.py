@@ -1,0 +1,180 @@
+"""A sweep: Ray Tune + OptunaSearch (TPE) + ASHA around `train.run_trial`.
+
+The driver builds a `tune.Tuner` from the experiment's `search:` and `resources:` sections and
+runs it against a local Ray (or a cluster with `address`). Each trial opens its own MLflow
+child run under the sweep's parent run — there is no Ray MLflow callback, so there is exactly
+one run per trial. After `fit()` the driver closes whatever a stopped trial could not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from segtune.config import ExperimentConfig, SearchDim, apply_params, flatten, validate
+
+
+@dataclass
+class SweepContext:
+    """What every trial of a sweep shares besides its parameters."""
+
+    store: str
+    data_hash: str
+    sweep_id: str
+    parent_run_id: str | None
+    git_sha: str
+
+
+def tune_space(space: dict[str, SearchDim]) -> dict[str, Any]:
+    """YAML search space -> Tune distributions. `randint: [a, b]` includes b (Optuna's convention)."""
+    from ray import tune
+
+    make = {
+        "loguniform": lambda a: tune.loguniform(a[0], a[1]),
+        "uniform": lambda a: tune.uniform(a[0], a[1]),
+        "choice": lambda a: tune.choice(list(a)),
+        "randint": lambda a: tune.randint(a[0], a[1] + 1),
+    }
+    return {key: make[dim.kind](dim.args) for key, dim in space.items()}
+
+
+def max_epochs(cfg: ExperimentConfig) -> int:
+    """The most epochs any trial can run: ASHA's `max_t`."""
+    dim = cfg.search.space.get("train.epochs")
+    if dim is None:
+        return cfg.train.epochs
+    return int(max(dim.choice) if dim.choice is not None else dim.args[1])
+
+
+def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
+    """One Tune trial: the sampled params applied to the base config, then `run_trial`."""
+    import ray
+    from ray import tune
+
+    from segtune.train import TrialContext, run_trial
+    from tracking.runs import PRUNED, TrialRun
+
+    cfg = apply_params(validate(base, "sweep config"), params)
+    tctx = tune.get_context()
+    trial_id, workdir = tctx.get_trial_id(), Path(tctx.get_trial_dir())
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_file = open(workdir / "trial.log", "a")
+
+    def log(line: str) -> None:
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    tracker = TrialRun.open(
+        cfg.tracking.uri, cfg.tracking.experiment, sweep_id=sweep.sweep_id, trial_id=trial_id,
+        parent_run_id=sweep.parent_run_id, params=flatten(cfg),
+        tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
+              "segtune.git_sha": sweep.git_sha, "segtune.data_hash": sweep.data_hash,
+              "segtune.node": ray.get_runtime_context().get_node_id()},
+    )
+    restored = tune.get_checkpoint()
+    resume_from = Path(restored.to_directory(str(workdir / "restored"))) if restored else None
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+
+    ctx = TrialContext(store=Path(sweep.store), workdir=workdir, tracker=tracker, report=report,
+                       resume_from=resume_from, log=log)
+    try:
+        run_trial(cfg, ctx)
+    except SystemExit:
+        # Tune stops a trial by raising SystemExit inside its report() call: ASHA pruned it,
+        # unless this was the report after the last epoch (the run is closed already).
+        if not ctx.completed:
+            tracker.set_tags({PRUNED: "true"})
+            tracker.finish("FINISHED")
+        raise
+    except BaseException as err:
+        tracker.set_tags({"segtune.error": f"{err.__class__.__name__}: {err}"[:5000]})
+        tracker.finish("FAILED")
+        raise
+    finally:
+        log_file.close()
+
+
+class ProgressPrinter:
+    """A compact progress line per trial event, instead of Tune's wide status table."""
+
+    def __init__(self, total: int, epochs_of: Callable[[dict], int], log: Callable[[str], None]):
+        from ray import tune
+
+        outer = self
+
+        class _Callback(tune.Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+                done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+                line = (f"  {trial.trial_id}  epoch {result.get('epoch')}/{epochs_of(trial.config)}  "
+                        f"loss {result.get('train/dice_loss', float('nan')):.3f}  "
+                        f"val/dice {result.get('val/dice', float('nan')):.3f}")
+                if "test/iou" in result:
+                    line += f"  test/iou {result['test/iou']:.3f}"
+                outer.log(line + f"   [{done}/{outer.total} trials done]")
+
+            def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+                r = trial.last_result or {}
+                how = "completed" if "test/iou" in r else f"stopped by ASHA after epoch {r.get('epoch')}"
+                outer.log(f"  {trial.trial_id}  {how}")
+
+            def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+                outer.log(f"  {trial.trial_id}  ERROR (see {trial.path or 'the trial folder'}/error.txt)")
+
+        self.total, self.log, self.callback = total, log, _Callback()
+
+
+def run_sweep(cfg: ExperimentConfig, sweep: SweepContext, *, address: str | None = None,
+              log: Callable[[str], None] = print) -> set[str]:
+    """Run the Tuner to the end; return the ids of trials that ended without error."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = cfg.search
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        searcher = None
+        if s.searcher == "optuna":
+            # TPE's random start-up phase defaults to 10 trials; a short sweep would never leave it.
+            sampler = optuna.samplers.TPESampler(seed=cfg.train.seed, n_startup_trials=max(2, s.num_samples // 3))
+            searcher = OptunaSearch(sampler=sampler)
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(cfg),
+                                   grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                     if s.scheduler == "asha" else FIFOScheduler())
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=cfg.model_dump(), sweep=sweep),
+            {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
+        )
+        epochs_of = lambda params: int(params.get("train.epochs", cfg.train.epochs))  # noqa: E731
+        printer = ProgressPrinter(s.num_samples, epochs_of, log)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(s.space),
+            tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent),
+            run_config=tune.RunConfig(
+                name=f"{cfg.name}-{sweep.sweep_id}", storage_path=str(Path(s.storage_path).resolve()),
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints,
+                                                        checkpoint_score_attribute=s.metric,
+                                                        checkpoint_score_order=s.mode),
+                callbacks=[printer.callback], verbose=0,
+            ),
+        )
+        grid = tuner.fit()
+        return {r.metrics.get("trial_id") for r in grid if r.error is None and r.metrics}
+    finally:
+        if started_ray:
+            ray.shutdown()

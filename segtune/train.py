@@ -1,0 +1,207 @@
+"""One trial: the Accelerate training loop for one model/dataset pair, with no Ray inside.
+
+`run_trial(cfg, ctx)` reads top to bottom like Accelerate's `cv_example.py`: build the model,
+optimizer and loaders, let the Accelerator prepare them, then per epoch train, validate,
+checkpoint, log and report. After the last epoch it scores the test split with the best
+epoch's checkpoint. Ray Tune (sweep.py) and `segtune train` both call it; what differs is in
+`TrialContext`: where to log, where to report, where to write.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from segtune.checkpoint import load_optimizer, load_weights, read_state, save_checkpoint
+from segtune.config import ExperimentConfig
+from segtune.data import open_store
+from segtune.errors import ConfigError
+from segtune.losses import LOSSES
+from segtune.metrics import dice, iou, masks_from_logits
+from segtune.models import Segmenter, build_model
+from segtune.prompts import PROMPTS, stack
+
+
+class Tracker(Protocol):
+    """What the loop needs from a tracking run (tracking.runs.TrialRun implements it)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def flush(self) -> None: ...
+    def log_checkpoint(self, path: Path) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+@dataclass
+class TrialContext:
+    """Where a trial logs, reports and writes; the machine side of a trial, apart from its config."""
+
+    store: Path
+    workdir: Path
+    tracker: Tracker | None = None
+    # Called once per epoch with the epoch's metrics and checkpoint dir (Tune's report).
+    report: Callable[[dict[str, Any], Path], None] | None = None
+    # A checkpoint to continue from (Tune's restored checkpoint after a failure).
+    resume_from: Path | None = None
+    log: Callable[[str], None] = print
+    # Set once the test split is scored and the run closed: a stop after that is not a prune.
+    completed: bool = False
+
+
+class PromptCollate:
+    """Batches samples and draws each one's prompt from its mask.
+
+    The generator is seeded by (seed, epoch, sample index): training prompts change every
+    epoch, evaluation prompts (epoch fixed at 0) are the same in every trial and every run.
+    """
+
+    def __init__(self, strategy: str, seed: int):
+        if strategy not in PROMPTS:
+            raise ConfigError(f"prompt: unknown prompt strategy {strategy!r}; expected one of {', '.join(PROMPTS)}")
+        self.build, self.seed, self.epoch = PROMPTS[strategy], seed, 0
+
+    def __call__(self, items: list[dict]) -> dict[str, Any]:
+        prompts = [self.build(it["mask"][0].numpy(), np.random.default_rng([self.seed, self.epoch, it["index"]]))
+                   for it in items]
+        return {"image": torch.stack([it["image"] for it in items]),
+                "mask": torch.stack([it["mask"] for it in items]),
+                "prompts": stack(prompts)}
+
+
+def _optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+
+
+def make_loaders(cfg: ExperimentConfig, store: Path) -> tuple[DataLoader, DataLoader, DataLoader, PromptCollate]:
+    """Train, validation and test loaders over the prepared store, with prompts drawn per sample."""
+    data = open_store(store)
+    splits = {s: data.split(s) for s in ("train", "val", "test")}
+    caps = {"train": cfg.dataset.max_train, "val": cfg.dataset.max_eval, "test": cfg.dataset.max_eval}
+    for s, cap in caps.items():
+        if cap is not None and len(splits[s]) > cap:
+            splits[s] = splits[s].subset(cap)
+        if len(splits[s]) == 0:
+            raise ConfigError(f"dataset: the {s} split of {store} is empty; lower dataset.val_fraction "
+                              "or check the data")
+    train_collate = PromptCollate(cfg.prompt.train, cfg.train.seed)
+    eval_collate = PromptCollate(cfg.prompt.eval, cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    train = DataLoader(splits["train"], batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
+                       collate_fn=train_collate, drop_last=len(splits["train"]) > cfg.train.batch_size)
+    val = DataLoader(splits["val"], batch_size=cfg.train.batch_size, collate_fn=eval_collate)
+    test = DataLoader(splits["test"], batch_size=cfg.train.batch_size, collate_fn=eval_collate)
+    return train, val, test, train_collate
+
+
+def train_epoch(model: Segmenter, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                accelerator: Accelerator, loss_fn: Callable) -> float:
+    """One pass over the training loader; returns the mean loss."""
+    model.train()
+    total, n = 0.0, 0
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(batch["image"], batch["prompts"].to(accelerator.device))
+            loss = loss_fn(logits, batch["mask"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} (try a lower train.lr)")
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.item() * len(batch["image"])
+        n += len(batch["image"])
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model: Segmenter, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+    """Mean per-image Dice and IoU of thresholded predictions over a loader."""
+    model.eval()
+    dices, ious = [], []
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(batch["image"], batch["prompts"].to(accelerator.device))
+        pred = masks_from_logits(logits.float())
+        target = batch["mask"] > 0.5
+        dices.append(dice(pred, target).cpu())
+        ious.append(iou(pred, target).cpu())
+    return {"dice": torch.cat(dices).mean().item(), "iou": torch.cat(ious).mean().item()}
+
+
+def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
+    """Train, validate and test one configuration; returns the final metrics."""
+    torch.manual_seed(cfg.train.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision)
+    if cfg.train.loss not in LOSSES:
+        raise ConfigError(f"train.loss: unknown loss {cfg.train.loss!r}; expected one of {', '.join(LOSSES)}")
+    loss_fn = LOSSES[cfg.train.loss]
+    model = build_model(cfg.model)
+    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    train_dl, val_dl, test_dl, train_collate = make_loaders(cfg, ctx.store)
+
+    start_epoch, best = 0, {"dice": -math.inf, "epoch": 0}
+    ckpt_dir, best_dir = ctx.workdir / "checkpoints" / "last", ctx.workdir / "checkpoints" / "best"
+    if ctx.resume_from is not None:
+        state = read_state(ctx.resume_from)
+        load_weights(ctx.resume_from, model)
+        load_optimizer(ctx.resume_from, optimizer)
+        start_epoch, best = state["epoch"], state["best"]
+        if not best_dir.is_dir() or read_state(best_dir).get("epoch") != best["epoch"]:
+            # The best epoch's files did not survive with this worker; the restored one stands in.
+            shutil.copytree(ctx.resume_from, best_dir, dirs_exist_ok=True)
+        ctx.log(f"resuming after epoch {start_epoch}")
+    model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(model, optimizer, train_dl, val_dl, test_dl)
+    raw_model = accelerator.unwrap_model(model)
+
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        train_collate.epoch = epoch
+        loss = train_epoch(model, train_dl, optimizer, accelerator, loss_fn)
+        val = evaluate(model, val_dl, accelerator)
+        metrics = {"train/dice_loss": loss, "val/dice": val["dice"], "val/iou": val["iou"], "epoch": epoch}
+        if val["dice"] > best["dice"]:
+            best = {"dice": val["dice"], "epoch": epoch}
+        save_checkpoint(ckpt_dir, raw_model, optimizer, cfg, {"epoch": epoch, "metrics": metrics, "best": best})
+        if best["epoch"] == epoch:
+            shutil.copytree(ckpt_dir, best_dir, dirs_exist_ok=True)
+        ctx.log(f"epoch {epoch}/{cfg.train.epochs}: train/dice_loss={loss:.4f} "
+                f"val/dice={val['dice']:.4f} val/iou={val['iou']:.4f}")
+        if ctx.tracker is not None:
+            ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            ctx.tracker.flush()
+        if epoch == cfg.train.epochs:
+            # Test before the last report: a scheduler may stop the trial at its final report.
+            metrics.update(_finish(cfg, ctx, raw_model, best, best_dir, test_dl, accelerator))
+        if ctx.report is not None:
+            ctx.report(dict(metrics, **{"val/dice_best": best["dice"]}), ckpt_dir)
+    return metrics
+
+
+def _finish(cfg: ExperimentConfig, ctx: TrialContext, model: Segmenter, best: dict, best_dir: Path,
+            test_dl: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+    """Score the best epoch's checkpoint on the test split, log it, close the run."""
+    load_weights(best_dir, model)
+    test = evaluate(model, test_dl, accelerator)
+    out = {"val/dice_best": best["dice"], "best_epoch": best["epoch"],
+           "test/dice": test["dice"], "test/iou": test["iou"]}
+    ctx.log(f"best epoch {best['epoch']}: val/dice={best['dice']:.4f}; test/iou={test['iou']:.4f} "
+            f"test/dice={test['dice']:.4f}")
+    if ctx.tracker is not None:
+        ctx.tracker.log_metrics({k: float(v) for k, v in out.items()}, step=cfg.train.epochs)
+        ctx.tracker.flush()
+        ctx.tracker.log_checkpoint(best_dir)
+        ctx.tracker.finish("FINISHED")
+    ctx.completed = True
+    return out

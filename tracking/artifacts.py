@@ -1,0 +1,56 @@
+"""Checkpoint integrity: a sha256 manifest written beside the files and verified before use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tracking.errors import TrackingError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> dict[str, str]:
+    """Hash every file under `folder` into `folder/manifest.json`; return {relative path: sha256}."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in _files(folder)}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    (folder / MANIFEST).write_text(json.dumps({"files": files, "sha256": digest}, indent=2))
+    return files
+
+
+def verify_manifest(folder: Path) -> str:
+    """Check every file against the manifest; return the checkpoint's overall sha256.
+
+    Raises TrackingError naming the first file that is missing, extra or altered.
+    """
+    folder = Path(folder)
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        raise TrackingError(f"{folder}: checkpoint has no {MANIFEST}; it cannot be verified.")
+    manifest = json.loads(mf.read_text())
+    expected: dict[str, str] = manifest["files"]
+    present = {p.relative_to(folder).as_posix() for p in _files(folder)}
+    for name in sorted(set(expected) | present):
+        if name not in present:
+            raise TrackingError(f"{folder}: {name} is listed in {MANIFEST} but missing.")
+        if name not in expected:
+            raise TrackingError(f"{folder}: {name} is not listed in {MANIFEST}; the checkpoint was altered.")
+        actual = sha256_file(folder / name)
+        if actual != expected[name]:
+            raise TrackingError(f"{folder}: {name} has sha256 {actual[:12]}…, but {MANIFEST} records "
+                                f"{expected[name][:12]}…; the checkpoint was altered or corrupted.")
+    return manifest["sha256"]
