@@ -51,9 +51,10 @@ class SweepOutcome:
 def sweep(cfg: ExperimentConfig, *, address: str | None = None, log: Log = print) -> SweepOutcome:
     """Run a whole sweep: check the server, prepare data, open the parent run, tune, close runs."""
     from segtune.sweep import SweepContext, run_sweep
-    from tracking.runs import close_open_trials, end_sweep_run, start_sweep_run
+    from tracking.runs import close_open_trials, end_sweep_run, quiet_mlflow, start_sweep_run
     from tracking.server import check_server
 
+    quiet_mlflow()
     check_names(cfg)
     check_server(cfg.tracking.uri)
     store, data_hash = prepare_data(cfg, log)

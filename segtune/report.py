@@ -23,7 +23,8 @@ def print_runs(uri: str, experiment: str, sweep_id: str | None = None, champion_
     from tracking.report import sweep_rows
 
     rows = sweep_rows(uri, experiment, sweep_id)
-    console = console or Console()
+    # Piped output defaults to 80 columns, which wraps this table; 110 fits it.
+    console = console or Console(width=max(Console().width, 110))
     if not rows:
         console.print(f"no sweep trials in experiment {experiment!r} at {uri}")
         return

@@ -22,6 +22,10 @@ from mlflow.pyfunc import PythonModel
 
 
 class SegtuneMaskModel(PythonModel):
+    # We take one dict or a list of dicts of numpy arrays, which no type hint MLflow validates
+    # expresses; this attribute (MLflow's own, see PythonModel.__init_subclass__) says so.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         from segtune.checkpoint import load_model  # torch is needed only once the model loads
 

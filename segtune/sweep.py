@@ -138,6 +138,10 @@ def run_sweep(cfg: ExperimentConfig, sweep: SweepContext, *, address: str | None
     from ray.tune.search.optuna import OptunaSearch
 
     s = cfg.search
+    # Our ProgressPrinter replaces Tune's status output; the legacy reporter honours verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Short trials checkpoint every few seconds; Tune's warning about it is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_ray = not ray.is_initialized()
     if started_ray:
         address = address or os.environ.get("RAY_ADDRESS")

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tracking.artifacts import verify_manifest
 from tracking.errors import TrackingError
-from tracking.runs import PRUNED, trial_runs
+from tracking.runs import PRUNED, quiet_mlflow, trial_runs
 
 CHECKPOINT_ARTIFACT = "checkpoints/best"
 _ALIAS = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -88,6 +88,7 @@ def promote(uri: str, experiment: str, *, code_path: Path, metric: str = "val/di
             log: Callable[[str], None] = print) -> Promotion:
     """Register the best (or the given) trial's verified checkpoint and point `alias` at it."""
     check_alias(alias)
+    quiet_mlflow()
     client = MlflowClient(uri)
     if run_id is not None:
         run = client.get_run(run_id)

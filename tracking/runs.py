@@ -8,6 +8,8 @@ with `log_batch` at epoch end: one request per epoch, not one per value.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,13 @@ KIND = "segtune.kind"
 PRUNED = "segtune.pruned"
 # MLflow's limits per log_batch request.
 _MAX_PARAMS, _MAX_METRICS = 100, 1000
+
+
+def quiet_mlflow() -> None:
+    """segtune prints its own summary lines; MLflow's run links, info logs and progress bars repeat them."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -1,0 +1,86 @@
+"""The `segtune` command line: help, clear errors for user mistakes, and the quick demo end to end."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import DEMO
+
+SEGTUNE = [sys.executable, "-m", "segtune.cli"]
+COMMANDS = ["demo", "sweep", "train", "promote", "runs", "server"]
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*SEGTUNE, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_help_lists_every_command_and_each_has_help() -> None:
+    res = cli("--help")
+    assert res.returncode == 0
+    for name in COMMANDS:
+        assert name in res.stdout
+        sub = cli(name, "--help")
+        assert sub.returncode == 0 and "Usage" in sub.stdout, name
+    assert "start" in cli("server", "--help").stdout
+
+
+def test_unreachable_tracking_server_is_a_clear_error(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{closed_port()}"
+    started = time.time()
+    res = cli("sweep", str(DEMO), "--tracking-uri", uri, cwd=tmp_path)
+    assert res.returncode == 1
+    assert uri in res.stderr and "Traceback" not in res.stderr
+    assert time.time() - started < 60
+    # Nothing started: no data prepared, no Ray results.
+    assert not (tmp_path / ".segtune").exists()
+
+
+def test_wrong_config_key_names_file_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("  lr: 1.0e-3", "  lrr: 1.0e-3"))
+    res = cli("sweep", str(bad), cwd=tmp_path)
+    assert res.returncode == 1
+    assert "bad.yaml" in res.stderr and "train.lrr" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_set_override_with_bad_value_names_field(tmp_path: Path) -> None:
+    res = cli("train", str(DEMO), "--set", "train.epochs=many", "--no-track", cwd=tmp_path)
+    assert res.returncode == 1 and "train.epochs" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_server_status_without_server(tmp_path: Path) -> None:
+    res = cli("server", "status", "--home", str(tmp_path / "none"))
+    assert res.returncode == 1 and "no server" in res.stdout
+
+
+def test_demo_quick_end_to_end(tmp_path: Path, mlflow_server) -> None:
+    res = cli("demo", "--quick", "--tracking-uri", mlflow_server.uri,
+              "--set", "tracking.experiment=demo-quick-test", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "segtune-sam_tiny-synthetic_em@champion" in out and "untrained model test/iou" in out
+    # The EPFL layout was written under the working directory's .segtune/data.
+    data = tmp_path / ".segtune" / "data" / "synthetic_em"
+    for name in ("training.tif", "training_groundtruth.tif", "testing.tif", "testing_groundtruth.tif"):
+        assert (data / name).is_file()
+    client = MlflowClient(mlflow_server.uri)
+    version = client.get_model_version_by_alias("segtune-sam_tiny-synthetic_em", "champion")
+    champion = client.get_run(version.tags["segtune.run_id"])
+    assert champion.data.tags["segtune.kind"] == "trial"
+    assert champion.data.tags["segtune.model"] == "sam_tiny"
+    exp = client.get_experiment_by_name("demo-quick-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert sum(r.data.tags.get("segtune.kind") == "trial" for r in runs) == 3

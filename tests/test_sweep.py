@@ -1,0 +1,139 @@
+"""A real 3-trial sweep: Ray Tune + OptunaSearch + ASHA -> MLflow runs -> `segtune runs` / `promote`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from segtune.config import apply_params
+from segtune.launch import sweep
+from tracking.registry import check_alias
+from tracking.errors import TrackingError
+
+SEGTUNE = [sys.executable, "-m", "segtune.cli"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*SEGTUNE, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, em_data, mlflow_server):
+    """One 3-trial sweep for the module; returns (config, outcome)."""
+    from segtune.config import load_config
+    from tests.conftest import DEMO
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = load_config(DEMO, [
+        f"dataset.root={em_data}", f"dataset.cache_dir={em_data / 'cache'}",
+        "dataset.max_train=8", "dataset.max_eval=4",
+        "search.num_samples=3", "search.space.train.epochs={randint: [1, 2]}",
+        "search.space.train.batch_size={choice: [4, 8]}", "search.grace_period=1",
+        f"search.storage_path={tmp / 'ray'}",
+        f"tracking.uri={mlflow_server.uri}", "tracking.experiment=sweep-test",
+    ])
+    return cfg, sweep(cfg, log=lambda _: None)
+
+
+def test_one_finished_child_run_per_trial_under_one_parent(swept) -> None:
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`segtune.sweep_id` = '{outcome.sweep_id}'")
+    parents = [r for r in runs if r.data.tags["segtune.kind"] == "sweep"]
+    children = [r for r in runs if r.data.tags["segtune.kind"] == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    assert parents[0].info.status == "FINISHED"
+    assert len({r.data.tags["segtune.trial_id"] for r in children}) == 3
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+        assert r.info.status == "FINISHED"
+        for tag in ("segtune.model", "segtune.dataset", "segtune.git_sha", "segtune.data_hash"):
+            assert r.data.tags[tag]
+        pruned = r.data.tags.get("segtune.pruned") == "true"
+        # Every trial that ran all its epochs is scored on test; a pruned one is not.
+        assert ("test/iou" in r.data.metrics) != pruned
+        epochs = int(r.data.params["train.epochs"])
+        steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val/dice"))
+        assert steps == list(range(1, len(steps) + 1)) and (pruned or len(steps) == epochs)
+    assert parents[0].data.tags["segtune.best.run_id"] in {r.info.run_id for r in children}
+
+
+def test_runs_lists_the_trials(swept) -> None:
+    cfg, outcome = swept
+    res = cli("runs", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--sweep", outcome.sweep_id)
+    assert res.returncode == 0, res.stderr
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    for r in client.search_runs([exp.experiment_id], filter_string="tags.`segtune.kind` = 'trial'"):
+        assert r.data.tags["segtune.trial_id"] in res.stdout
+
+
+def test_promote_sets_champion_on_the_best_validation_run(swept, tmp_path) -> None:
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    trials = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`segtune.sweep_id` = '{outcome.sweep_id}' and tags.`segtune.kind` = 'trial'"))
+    eligible = [r for r in trials if "val/dice_best" in r.data.metrics and r.data.tags.get("segtune.pruned") != "true"]
+    best = max(eligible, key=lambda r: r.data.metrics["val/dice_best"])
+
+    res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--sweep", outcome.sweep_id)
+    assert res.returncode == 0, res.stderr
+    name = "segtune-sam_tiny-synthetic_em"
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.tags["segtune.run_id"] == best.info.run_id
+    assert version.tags["segtune.metric"] == "val/dice_best"
+    assert len(version.tags["segtune.sha256"]) == 64
+    assert client.get_run(best.info.run_id).info.status == "FINISHED"
+
+    # The registered version is a pyfunc that predicts masks.
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    image = np.full((256, 256), 150, np.uint8)
+    image[100:140, 90:150] = 40
+    masks = model.predict({"image": image, "points": [[120, 120]]})
+    assert masks[0].shape == (256, 256) and set(np.unique(masks[0])) <= {0, 1}
+
+
+def test_promote_refuses_unfinished_unscored_and_altered_runs(swept, mlflow_server) -> None:
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    running = client.create_run(exp.experiment_id, tags={"segtune.kind": "manual"})
+    client.log_metric(running.info.run_id, "val/dice_best", 0.99)
+    res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--run", running.info.run_id)
+    assert res.returncode == 1 and "not FINISHED" in res.stderr and "Traceback" not in res.stderr
+    client.set_terminated(running.info.run_id)
+    res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--run", running.info.run_id,
+              "--metric", "val/absent")
+    assert res.returncode == 1 and "val/absent" in res.stderr
+
+    # Alter the best checkpoint on the server's artifact store: promotion must refuse it.
+    champion = client.get_model_version_by_alias("segtune-sam_tiny-synthetic_em", "champion")
+    run_id = champion.tags["segtune.run_id"]
+    weights = [p for p in Path(mlflow_server.home).rglob("model.safetensors")
+               if run_id in p.as_posix() and "checkpoints/best" in p.as_posix()]
+    assert weights, "checkpoint file not found in the server's artifact store"
+    with open(weights[0], "ab") as f:
+        f.write(b"tampered")
+    res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--run", run_id)
+    assert res.returncode == 1 and "altered" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("alias", ["latest", "v3", "has space"])
+def test_reserved_aliases_are_refused_before_any_request(alias) -> None:
+    with pytest.raises(TrackingError, match="alias"):
+        check_alias(alias)
+
+
+def test_trial_params_apply_to_a_copy(swept) -> None:
+    cfg, _ = swept
+    changed = apply_params(cfg, {"train.lr": 0.5})
+    assert changed.train.lr == 0.5 and cfg.train.lr != 0.5

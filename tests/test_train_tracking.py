@@ -1,0 +1,64 @@
+"""run_trial end to end without Ray, against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from segtune.config import flatten
+from segtune.launch import prepare_data
+from segtune.train import TrialContext, run_trial
+from tracking.artifacts import verify_manifest
+from tracking.errors import TrackingError
+from tracking.runs import TrialRun
+
+
+def test_run_trial_logs_metrics_checkpoint_and_manifest(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config
+    store, data_hash = prepare_data(cfg, log=lambda _: None)
+    tracker = TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="none", trial_id="t1",
+                            parent_run_id=None, params=flatten(cfg),
+                            tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
+                                  "segtune.data_hash": data_hash})
+    out = run_trial(cfg, TrialContext(store=store, workdir=tmp_path / "trial", tracker=tracker, log=lambda _: None))
+
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train/dice_loss", "val/dice", "val/iou"):
+        steps = [m.step for m in client.get_metric_history(tracker.run_id, key)]
+        assert sorted(steps) == [1, 2], key
+    assert run.data.metrics["test/iou"] == pytest.approx(out["test/iou"])
+    assert 0.0 <= run.data.metrics["test/iou"] <= 1.0
+    assert run.data.metrics["val/dice_best"] == max(
+        m.value for m in client.get_metric_history(tracker.run_id, "val/dice"))
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert run.data.tags["segtune.data_hash"] == data_hash
+
+    names = {Path(a.path).name for a in client.list_artifacts(tracker.run_id, "checkpoints/best")}
+    assert {"model.safetensors", "state.json", "optimizer.pt", "manifest.json"} <= names
+    local = Path(client.download_artifacts(tracker.run_id, "checkpoints/best", str(tmp_path / "dl")))
+    assert len(verify_manifest(local)) == 64
+    state = json.loads((local / "state.json").read_text())
+    assert state["config"]["train"]["lr"] == cfg.train.lr  # the config used travels with the weights
+
+    # The manifest catches a changed file.
+    with open(local / "model.safetensors", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(TrackingError, match="model.safetensors"):
+        verify_manifest(local)
+
+
+def test_reopening_a_trial_reattaches_to_its_run(tiny_config) -> None:
+    cfg = tiny_config
+    first = TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="s1", trial_id="same",
+                          parent_run_id=None, params={"a": 1}, tags={})
+    first.finish("FAILED")
+    again = TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="s1", trial_id="same",
+                          parent_run_id=None, params={"a": 1}, tags={})
+    assert again.run_id == first.run_id
+    assert MlflowClient(cfg.tracking.uri).get_run(again.run_id).info.status == "RUNNING"
+    again.finish()
