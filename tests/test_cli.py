@@ -84,3 +84,31 @@ def test_demo_quick_end_to_end(tmp_path: Path, mlflow_server) -> None:
     runs = client.search_runs([exp.experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)
     assert sum(r.data.tags.get("segtune.kind") == "trial" for r in runs) == 3
+
+
+def test_train_runs_one_trial_without_ray(tmp_path: Path, em_data: Path, mlflow_server) -> None:
+    res = cli("train", str(DEMO), "--tracking-uri", mlflow_server.uri, "--out", str(tmp_path / "out"),
+              "--set", f"dataset.root={em_data}", "--set", f"dataset.cache_dir={em_data / 'cache'}",
+              "--set", "dataset.max_train=8", "--set", "dataset.max_eval=4", "--set", "train.epochs=1",
+              "--set", "tracking.experiment=train-cli", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "test/iou" in res.stdout
+    assert (tmp_path / "out" / "checkpoints" / "best" / "model.safetensors").is_file()
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("train-cli").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "test/iou" in runs[0].data.metrics
+    assert "mlflow.parentRunId" not in runs[0].data.tags
+
+
+def test_server_start_status_stop(tmp_path: Path) -> None:
+    home = str(tmp_path / "srv")
+    started = cli("server", "start", "--home", home, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "http://127.0.0.1:" in started.stdout
+        status = cli("server", "status", "--home", home)
+        assert status.returncode == 0 and "running" in status.stdout
+    finally:
+        stopped = cli("server", "stop", "--home", home, timeout=120)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert cli("server", "status", "--home", home).returncode == 1

@@ -1,0 +1,249 @@
+"""Trial checkpoints: round trips to identical logits, the config inside, optimizer state,
+strict loading with the mismatched keys named, and weights-only reads throughout segtune/."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from segtune.checkpoint import (
+    OPTIMIZER,
+    STATE,
+    WEIGHTS,
+    load_model,
+    load_optimizer,
+    load_weights,
+    read_state,
+    save_checkpoint,
+)
+from segtune.config import ExperimentConfig, apply_params, load_config
+from segtune.errors import CheckpointError
+from segtune.losses import dice_loss
+from segtune.models import Segmenter, build_model
+from segtune.prompts import PromptBatch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "experiments" / "demo.yaml"
+POLICIES = ["full", "mask_decoder"]
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, PromptBatch]:
+    """One fixed image (1,1,256,256) with a dark square, its mask, and a point inside it."""
+    img = np.full((1, 1, 256, 256), 140, np.uint8)
+    img[..., 80:150, 100:180] = 40
+    mask = (img < 100).astype(np.float32)
+    prompts = PromptBatch(points=torch.tensor([[[140.0, 115.0]]]), labels=torch.ones(1, 1, dtype=torch.int64))
+    return torch.from_numpy(img), torch.from_numpy(mask), prompts
+
+
+def _config(policy: str) -> ExperimentConfig:
+    return apply_params(load_config(DEMO), {"model.train": policy})
+
+
+def _trained(policy: str) -> tuple[Segmenter, torch.optim.Optimizer, ExperimentConfig]:
+    """A tiny SAM after two Adam steps, so its weights and optimizer state differ from init."""
+    cfg = _config(policy)
+    model = build_model(cfg.model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    images, masks, prompts = _batch()
+    for _ in range(2):
+        opt.zero_grad()
+        dice_loss(model(images, prompts), masks).backward()
+        opt.step()
+    return model, opt, cfg
+
+
+@pytest.fixture(scope="module", params=POLICIES)
+def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(checkpoint dir, trained model, optimizer, config) for each policy."""
+    model, opt, cfg = _trained(request.param)
+    path = save_checkpoint(tmp_path_factory.mktemp(f"ckpt-{request.param}") / "last", model, opt, cfg,
+                           {"epoch": 3, "metrics": {"val/dice": np.float32(0.5)}, "best": {"dice": 0.5, "epoch": 3}})
+    return path, model, opt, cfg
+
+
+def _logits(model: Segmenter) -> torch.Tensor:
+    images, _, prompts = _batch()
+    model.eval()
+    with torch.no_grad():
+        return model(images, prompts)
+
+
+def test_round_trip_gives_identical_logits(saved) -> None:
+    path, model, _, cfg = saved
+    assert sorted(p.name for p in path.iterdir()) == sorted([WEIGHTS, OPTIMIZER, STATE])
+    loaded, loaded_cfg = load_model(path)
+    assert loaded_cfg == cfg
+    assert torch.equal(_logits(loaded), _logits(model))
+    # ...and training changed the model, so this is not init compared with init.
+    assert not torch.equal(_logits(build_model(cfg.model)), _logits(model))
+
+
+def test_weights_file_holds_exactly_the_trainable_parameters(saved) -> None:
+    path, model, _, _ = saved
+    weights = load_file(str(path / WEIGHTS))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert weights.keys() == trainable.keys()
+    assert all(torch.equal(weights[n], trainable[n].detach()) for n in weights)
+
+
+def test_state_json_holds_the_config_and_the_state(saved) -> None:
+    path, _, _, cfg = saved
+    raw = json.loads((path / STATE).read_text())
+    assert raw["config"] == json.loads(json.dumps(cfg.model_dump()))
+    assert ExperimentConfig.model_validate(raw["config"]) == cfg
+    assert raw["epoch"] == 3 and raw["best"] == {"dice": 0.5, "epoch": 3}
+    assert raw["metrics"]["val/dice"] == 0.5  # numpy scalars are written as floats
+    assert read_state(path) == raw
+
+
+def test_optimizer_state_reloads(saved) -> None:
+    path, _, opt, _ = saved
+    loaded, _ = load_model(path)
+    fresh = torch.optim.Adam([p for p in loaded.parameters() if p.requires_grad], lr=1e-2)
+    assert load_optimizer(path, fresh) is True
+    want, got = opt.state_dict(), fresh.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    assert want["state"].keys() == got["state"].keys() and len(got["state"]) > 0
+    for i, s in want["state"].items():
+        for k, v in s.items():
+            assert torch.equal(got["state"][i][k], v), (i, k)
+
+
+def test_no_optimizer_file_is_reported_not_raised(tmp_path: Path) -> None:
+    cfg = _config("mask_decoder")
+    model = build_model(cfg.model)
+    path = save_checkpoint(tmp_path / "c", model, None, cfg, {"epoch": 1})
+    assert not (path / OPTIMIZER).exists()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    assert load_optimizer(path, opt) is False
+
+
+def test_save_replaces_an_existing_checkpoint_whole(saved, tmp_path: Path) -> None:
+    _, model, _, cfg = saved
+    path = tmp_path / "c"
+    save_checkpoint(path, model, torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]), cfg, {"epoch": 1})
+    save_checkpoint(path, model, None, cfg, {"epoch": 2})
+    assert read_state(path)["epoch"] == 2
+    assert not (path / OPTIMIZER).exists()  # no stale file from the first save
+    assert not path.with_name("c.tmp").exists()
+
+
+def _with_policy(src: Path, dst: Path, policy: str) -> Path:
+    """A copy of a checkpoint whose state.json says another training policy."""
+    shutil.copytree(src, dst)
+    raw = json.loads((dst / STATE).read_text())
+    raw["config"]["model"]["train"] = policy
+    (dst / STATE).write_text(json.dumps(raw))
+    return dst
+
+
+@pytest.mark.parametrize("saved_as, loaded_as, word", [
+    ("mask_decoder", "full", "missing"),  # the encoder's weights are not in the file
+    ("full", "mask_decoder", "unexpected"),  # the file holds more than the decoder
+])
+def test_checkpoint_of_one_policy_refused_under_another(tmp_path: Path, saved_as: str, loaded_as: str,
+                                                         word: str) -> None:
+    cfg = _config(saved_as)
+    src = save_checkpoint(tmp_path / "src", build_model(cfg.model), None, cfg, {"epoch": 1})
+    path = _with_policy(src, tmp_path / "dst", loaded_as)
+    with pytest.raises(CheckpointError) as exc:
+        load_model(path)
+    msg = str(exc.value)
+    assert word in msg and str(path / WEIGHTS) in msg
+
+
+def test_weights_of_another_shape_are_named(saved, tmp_path: Path) -> None:
+    src, _, _, _ = saved
+    path = tmp_path / "c"
+    shutil.copytree(src, path)
+    weights = load_file(str(path / WEIGHTS))
+    key = "sam.mask_decoder.iou_token.weight"
+    weights[key] = torch.zeros(1, 7)
+    save_file(weights, str(path / WEIGHTS))
+    with pytest.raises(CheckpointError, match=rf"another shape.*{key}"):
+        load_model(path)
+
+
+def test_folder_without_state_json_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "not-a-checkpoint"
+    folder.mkdir()
+    (folder / WEIGHTS).write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no state.json") as exc:
+        load_model(folder)
+    assert str(folder) in str(exc.value)
+
+
+def test_corrupt_state_json_is_named(saved, tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    shutil.copytree(saved[0], path)
+    (path / STATE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint state") as exc:
+        read_state(path)
+    assert str(path / STATE) in str(exc.value)
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_unreadable_weights_are_named(saved, tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "c"
+    shutil.copytree(saved[0], path)
+    if damage == "missing":
+        (path / WEIGHTS).unlink()
+    else:
+        (path / WEIGHTS).write_bytes(b"\x00" * 64)
+    model = build_model(saved[3].model)
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint weights") as exc:
+        load_weights(path, model)
+    assert str(path / WEIGHTS) in str(exc.value)
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickled_object"])
+def test_unreadable_optimizer_state_is_a_checkpoint_error_naming_the_file(saved, tmp_path: Path,
+                                                                          content: str) -> None:
+    path = tmp_path / "c"
+    shutil.copytree(saved[0], path)
+    if content == "garbage":
+        (path / OPTIMIZER).write_bytes(np.random.default_rng(0).bytes(256))
+    else:
+        torch.save({"state": {}, "param_groups": [], "x": _NotATensor()}, path / OPTIMIZER)
+    model, _ = load_model(path)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(CheckpointError) as exc:
+        load_optimizer(path, opt)
+    assert str(path / OPTIMIZER) in str(exc.value)
+
+
+def _torch_load_calls(tree: ast.AST) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "load" and isinstance(n.func.value, ast.Name) and n.func.value.id == "torch"]
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    files = sorted((ROOT / "segtune").rglob("*.py")) + sorted((ROOT / "tracking").rglob("*.py"))
+    assert files
+    calls, unsafe = 0, []
+    for f in files:
+        tree = ast.parse(f.read_text(), filename=str(f))
+        for node in ast.walk(tree):
+            # `from torch import load` would hide a call from the check below.
+            if isinstance(node, ast.ImportFrom) and node.module == "torch":
+                assert all(a.name != "load" for a in node.names), f"{f}:{node.lineno} imports torch.load by name"
+        for call in _torch_load_calls(tree):
+            calls += 1
+            kw = {k.arg: k.value for k in call.keywords}
+            ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            if not ok:
+                unsafe.append(f"{f.relative_to(ROOT)}:{call.lineno}")
+    assert calls >= 2  # the checker sees the calls we know of (sam.py, checkpoint.py)
+    assert not unsafe, f"torch.load without weights_only=True at {', '.join(unsafe)}"
