@@ -73,7 +73,12 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> bool:
     f = Path(path) / OPTIMIZER
     if not f.is_file():
         return False
-    optimizer.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, or a pickle that is more than tensors
+        raise CheckpointError(f"{f}: cannot read the optimizer state ({err.__class__.__name__}: "
+                              f"{(str(err).splitlines() or [''])[0][:200]}).") from None
+    optimizer.load_state_dict(state)
     return True
 
 

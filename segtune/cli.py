@@ -18,8 +18,17 @@ server_app = typer.Typer(help="The local MLflow tracking server (SQLite + local 
                          no_args_is_help=True)
 app.add_typer(server_app, name="server")
 
+
+def _add_data_commands() -> None:
+    from segtune.data_cli import data_app  # typer only; the commands import their modules lazily
+
+    app.add_typer(data_app, name="data", help="Datasets: synthesise, check, prepare, inspect stores.")
+
+
+_add_data_commands()
+
 REPO = Path(__file__).resolve().parents[1]
-DEMO_FILE = REPO / "experiments" / "demo.yaml"
+DEMO_FILES = [REPO / "experiments" / "demo.yaml", REPO / "experiments" / "demo_clipseg.yaml"]
 SetOpt = typer.Option(None, "--set", help="Override a field: --set train.lr=3e-4 (repeatable).")
 UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: the file's tracking.uri).")
 HomeOpt = typer.Option(Path(".segtune/mlflow"), "--home", help="Folder of the local server's database and artifacts.")
@@ -98,13 +107,13 @@ def runs(experiment: str = typer.Argument(..., help="MLflow experiment name."),
 @app.command()
 def demo(tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                     help="Use this MLflow server instead of starting a local one."),
-         quick: bool = typer.Option(False, "--quick", help="3 short trials on fewer patches (about a minute)."),
+         quick: bool = typer.Option(False, "--quick", help="3 short trials per pair on fewer patches (about a minute)."),
          home: Path = HomeOpt,
          set_: Optional[List[str]] = SetOpt) -> None:
-    """Synthetic EM data -> local MLflow server -> 8-trial sweep of a tiny SAM -> promoted champion."""
+    """Synthetic EM data -> local MLflow server -> sweeps of a tiny SAM and a tiny CLIPSeg -> champions."""
     from segtune.demo import run_demo
 
-    run_demo(DEMO_FILE, tracking_uri=tracking_uri, quick=quick, home=home, overrides=set_ or [], log=say)
+    run_demo(DEMO_FILES, tracking_uri=tracking_uri, quick=quick, home=home, overrides=set_ or [], log=say)
 
 
 @server_app.command("start")

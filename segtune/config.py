@@ -7,6 +7,7 @@ typo fails before anything starts, with the file and the field path in the messa
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,14 @@ class DatasetConfig(_Section):
     # Caps on samples per split, for quick runs; None keeps every sample.
     max_train: int | None = Field(None, gt=0)
     max_eval: int | None = Field(None, gt=0)
+    # How images reach patch_size: non-overlapping tiles or one resized square; None keeps
+    # the dataset's default (see docs/datasets.md).
+    fit: Literal["tile", "resize"] | None = None
+    # Dataset options, None for the dataset's default; a dataset refuses those it lacks.
+    classes: list[str] | None = None  # cityscapes: label names, each a binary target
+    description_file: str | list[str] | None = None  # qata_cov19: LViT .xlsx text sheets
+    test_fraction: float | None = Field(None, gt=0.0, lt=1.0)  # corsican_fire, folder
+    split_seed: int | None = None  # corsican_fire, folder: which images are test
 
 
 class ModelConfig(_Section):
@@ -47,7 +56,9 @@ class ModelConfig(_Section):
 class PromptConfig(_Section):
     train: str = "random_point"
     eval: str = "random_point"
-    text: str | None = None
+    text: str | None = None  # a fixed text prompt; else each sample's own text
+    k: int = Field(3, gt=0)  # points for k_points
+    box_jitter: int = Field(20, ge=0)  # max outward shift (px) of box sides at train time
 
 
 class TrainConfig(_Section):
@@ -159,6 +170,9 @@ def set_path(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.lr=3e-4` -> ("train.lr", 0.0003); the value is read as YAML."""
     if "=" not in text:
@@ -166,11 +180,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, value = text.split("=", 1)
     parsed = yaml.safe_load(value) if value else None
     # YAML reads 3e-4 as a string (it wants 3.0e-4); users write it the Python way.
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed)
-        except ValueError:
-            pass
+    if isinstance(parsed, str) and _NUMBER.fullmatch(parsed):
+        parsed = float(parsed)
     return key.strip(), parsed
 
 

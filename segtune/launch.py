@@ -18,12 +18,12 @@ Log = Callable[[str], None]
 
 def prepare_data(cfg: ExperimentConfig, log: Log = print) -> tuple[Path, str]:
     """Prepare (or reuse) the experiment's patch store; returns its path and content hash."""
-    from segtune.data import open_store, prepare_store
+    from segtune.data import dataset_options, open_store, prepare_store
 
     d = cfg.dataset
     store = prepare_store(d.name, Path(d.root), Path(d.cache_dir), patch_size=d.patch_size,
                           drop_empty=d.drop_empty, val_fraction=d.val_fraction, seed=cfg.train.seed,
-                          progress=log)
+                          fit=d.fit, options=dataset_options(d), progress=log)
     return store.resolve(), open_store(store).hash
 
 

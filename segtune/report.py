@@ -39,6 +39,18 @@ def print_runs(uri: str, experiment: str, sweep_id: str | None = None, champion_
     console.print(table)
 
 
+def print_pairs(results: list, console: Console | None = None) -> None:
+    """Compare the demo's model/dataset pairs: best validation, champion test IoU, untrained baseline."""
+    console = console or Console(width=max(Console().width, 110))
+    table = Table(title="model / dataset pairs", title_justify="left")
+    for col in ("pair", "trials", "val/dice_best", "test/iou", "untrained test/iou", "champion"):
+        table.add_column(col, justify="left" if col in ("pair", "champion") else "right")
+    for r in results:
+        table.add_row(r.key, str(r.trials), _fmt(r.val_dice_best), _fmt(r.test_iou), _fmt(r.untrained_test_iou),
+                      f"{r.champion.name} v{r.champion.version}")
+    console.print(table)
+
+
 def promote_and_print(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: str = "max",
                       alias: str = "champion", sweep_id: str | None = None, run_id: str | None = None,
                       log: Callable[[str], None] = print):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader
 
 from segtune.checkpoint import load_optimizer, load_weights, read_state, save_checkpoint
 from segtune.config import ExperimentConfig
-from segtune.data import open_store
+from segtune.data import SegDataset, open_store
 from segtune.errors import ConfigError
 from segtune.losses import LOSSES
 from segtune.metrics import dice, iou, masks_from_logits
 from segtune.models import Segmenter, build_model
-from segtune.prompts import PROMPTS, stack
+from segtune.prompts import PROMPTS, PromptOptions, needs_foreground, stack
 
 
 class Tracker(Protocol):
@@ -63,17 +63,28 @@ class PromptCollate:
     epoch, evaluation prompts (epoch fixed at 0) are the same in every trial and every run.
     """
 
-    def __init__(self, strategy: str, seed: int):
+    def __init__(self, strategy: str, seed: int, opts: PromptOptions):
         if strategy not in PROMPTS:
             raise ConfigError(f"prompt: unknown prompt strategy {strategy!r}; expected one of {', '.join(PROMPTS)}")
-        self.build, self.seed, self.epoch = PROMPTS[strategy], seed, 0
+        self.build, self.seed, self.opts, self.epoch = PROMPTS[strategy], seed, opts, 0
 
     def __call__(self, items: list[dict]) -> dict[str, Any]:
-        prompts = [self.build(it["mask"][0].numpy(), np.random.default_rng([self.seed, self.epoch, it["index"]]))
-                   for it in items]
+        prompts = []
+        for it in items:
+            opts = self.opts if self.opts.text else replace(self.opts, text=it.get("text") or None)
+            rng = np.random.default_rng([self.seed, self.epoch, it["index"]])
+            prompts.append(self.build(it["mask"][0].numpy(), rng, opts))
         return {"image": torch.stack([it["image"] for it in items]),
                 "mask": torch.stack([it["mask"] for it in items]),
-                "prompts": stack(prompts)}
+                "prompts": stack(prompts),
+                "text": [it["text"] for it in items]}
+
+
+def _with_foreground(ds: SegDataset) -> SegDataset:
+    """The samples whose mask has foreground (point and box prompts need some)."""
+    masks = np.load(Path(ds.path) / "masks.npy", mmap_mode="r")
+    keep = [i for i in ds.indices if masks[i].any()]
+    return SegDataset(ds.path, keep, ds.split) if len(keep) < len(ds.indices) else ds
 
 
 def _optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -85,19 +96,29 @@ def _optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter]) -> torch
     return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
 
 
-def make_loaders(cfg: ExperimentConfig, store: Path) -> tuple[DataLoader, DataLoader, DataLoader, PromptCollate]:
+def make_loaders(cfg: ExperimentConfig, store: Path, log: Callable[[str], None] = print
+                 ) -> tuple[DataLoader, DataLoader, DataLoader, PromptCollate]:
     """Train, validation and test loaders over the prepared store, with prompts drawn per sample."""
     data = open_store(store)
     splits = {s: data.split(s) for s in ("train", "val", "test")}
     caps = {"train": cfg.dataset.max_train, "val": cfg.dataset.max_eval, "test": cfg.dataset.max_eval}
     for s, cap in caps.items():
+        strategy = cfg.prompt.train if s == "train" else cfg.prompt.eval
+        if needs_foreground(strategy):
+            before = len(splits[s])
+            splits[s] = _with_foreground(splits[s])
+            if len(splits[s]) < before:
+                log(f"{s}: {before - len(splits[s])} of {before} samples have an empty mask and no "
+                    f"{strategy} prompt; left out")
         if cap is not None and len(splits[s]) > cap:
             splits[s] = splits[s].subset(cap)
         if len(splits[s]) == 0:
             raise ConfigError(f"dataset: the {s} split of {store} is empty; lower dataset.val_fraction "
                               "or check the data")
-    train_collate = PromptCollate(cfg.prompt.train, cfg.train.seed)
-    eval_collate = PromptCollate(cfg.prompt.eval, cfg.train.seed)
+    p = cfg.prompt
+    opts = PromptOptions(train=False, text=p.text, k=p.k, box_jitter=p.box_jitter)
+    train_collate = PromptCollate(p.train, cfg.train.seed, replace(opts, train=True))
+    eval_collate = PromptCollate(p.eval, cfg.train.seed, opts)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     train = DataLoader(splits["train"], batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
                        collate_fn=train_collate, drop_last=len(splits["train"]) > cfg.train.batch_size)
@@ -149,7 +170,7 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
     loss_fn = LOSSES[cfg.train.loss]
     model = build_model(cfg.model)
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    train_dl, val_dl, test_dl, train_collate = make_loaders(cfg, ctx.store)
+    train_dl, val_dl, test_dl, train_collate = make_loaders(cfg, ctx.store, ctx.log)
 
     start_epoch, best = 0, {"dice": -math.inf, "epoch": 0}
     ckpt_dir, best_dir = ctx.workdir / "checkpoints" / "last", ctx.workdir / "checkpoints" / "best"

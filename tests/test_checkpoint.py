@@ -23,36 +23,42 @@ from segtune.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from segtune.config import ExperimentConfig, apply_params, load_config
+from segtune.config import ExperimentConfig, ModelConfig, apply_params, load_config
 from segtune.errors import CheckpointError
 from segtune.losses import dice_loss
-from segtune.models import Segmenter, build_model
+from segtune.models import MODELS, Segmenter, build_model
 from segtune.prompts import PromptBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "demo.yaml"
-POLICIES = ["full", "mask_decoder"]
+TEXT_FAMILIES = {"clipseg"}  # prompted by text; the others by points
+# Every (family, policy) pair: a checkpoint must round-trip under each.
+PAIRS = [(f, p) for f in sorted(MODELS)
+         for p in build_model(ModelConfig(name=f, variant="tiny")).policies]
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, PromptBatch]:
-    """One fixed image (1,1,256,256) with a dark square, its mask, and a point inside it."""
+def _batch(family: str = "sam") -> tuple[torch.Tensor, torch.Tensor, PromptBatch]:
+    """One fixed image (1,1,256,256) with a dark square, its mask, and a prompt for it."""
     img = np.full((1, 1, 256, 256), 140, np.uint8)
     img[..., 80:150, 100:180] = 40
     mask = (img < 100).astype(np.float32)
-    prompts = PromptBatch(points=torch.tensor([[[140.0, 115.0]]]), labels=torch.ones(1, 1, dtype=torch.int64))
+    if family in TEXT_FAMILIES:
+        prompts = PromptBatch(texts=["a dark square"])
+    else:
+        prompts = PromptBatch(points=torch.tensor([[[140.0, 115.0]]]), labels=torch.ones(1, 1, dtype=torch.int64))
     return torch.from_numpy(img), torch.from_numpy(mask), prompts
 
 
-def _config(policy: str) -> ExperimentConfig:
-    return apply_params(load_config(DEMO), {"model.train": policy})
+def _config(policy: str, family: str = "sam") -> ExperimentConfig:
+    return apply_params(load_config(DEMO), {"model.name": family, "model.train": policy})
 
 
-def _trained(policy: str) -> tuple[Segmenter, torch.optim.Optimizer, ExperimentConfig]:
-    """A tiny SAM after two Adam steps, so its weights and optimizer state differ from init."""
-    cfg = _config(policy)
+def _trained(policy: str, family: str = "sam") -> tuple[Segmenter, torch.optim.Optimizer, ExperimentConfig]:
+    """A tiny model after two Adam steps, so its weights and optimizer state differ from init."""
+    cfg = _config(policy, family)
     model = build_model(cfg.model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    images, masks, prompts = _batch()
+    images, masks, prompts = _batch(family)
     for _ in range(2):
         opt.zero_grad()
         dice_loss(model(images, prompts), masks).backward()
@@ -60,17 +66,29 @@ def _trained(policy: str) -> tuple[Segmenter, torch.optim.Optimizer, ExperimentC
     return model, opt, cfg
 
 
-@pytest.fixture(scope="module", params=POLICIES)
+@pytest.fixture(scope="module", params=PAIRS, ids=[f"{f}-{p}" for f, p in PAIRS])
 def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """(checkpoint dir, trained model, optimizer, config) for each policy."""
-    model, opt, cfg = _trained(request.param)
-    path = save_checkpoint(tmp_path_factory.mktemp(f"ckpt-{request.param}") / "last", model, opt, cfg,
+    """(checkpoint dir, trained model, optimizer, config) for each family and policy."""
+    family, policy = request.param
+    model, opt, cfg = _trained(policy, family)
+    path = save_checkpoint(tmp_path_factory.mktemp(f"ckpt-{family}-{policy}") / "last", model, opt, cfg,
                            {"epoch": 3, "metrics": {"val/dice": np.float32(0.5)}, "best": {"dice": 0.5, "epoch": 3}})
     return path, model, opt, cfg
 
 
-def _logits(model: Segmenter) -> torch.Tensor:
-    images, _, prompts = _batch()
+@pytest.fixture(scope="module")
+def decoder_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mask_decoder checkpoint with optimizer state, for the tests that damage a copy."""
+    model, opt, cfg = _trained("mask_decoder")
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "last", model, opt, cfg, {"epoch": 1})
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / "c"))
+
+
+def _logits(model: Segmenter, family: str) -> torch.Tensor:
+    images, _, prompts = _batch(family)
     model.eval()
     with torch.no_grad():
         return model(images, prompts)
@@ -81,9 +99,10 @@ def test_round_trip_gives_identical_logits(saved) -> None:
     assert sorted(p.name for p in path.iterdir()) == sorted([WEIGHTS, OPTIMIZER, STATE])
     loaded, loaded_cfg = load_model(path)
     assert loaded_cfg == cfg
-    assert torch.equal(_logits(loaded), _logits(model))
+    family = cfg.model.name
+    assert torch.equal(_logits(loaded, family), _logits(model, family))
     # ...and training changed the model, so this is not init compared with init.
-    assert not torch.equal(_logits(build_model(cfg.model)), _logits(model))
+    assert not torch.equal(_logits(build_model(cfg.model), family), _logits(model, family))
 
 
 def test_weights_file_holds_exactly_the_trainable_parameters(saved) -> None:
@@ -160,10 +179,8 @@ def test_checkpoint_of_one_policy_refused_under_another(tmp_path: Path, saved_as
     assert word in msg and str(path / WEIGHTS) in msg
 
 
-def test_weights_of_another_shape_are_named(saved, tmp_path: Path) -> None:
-    src, _, _, _ = saved
-    path = tmp_path / "c"
-    shutil.copytree(src, path)
+def test_weights_of_another_shape_are_named(decoder_ckpt: Path, tmp_path: Path) -> None:
+    path = _copy(decoder_ckpt, tmp_path)
     weights = load_file(str(path / WEIGHTS))
     key = "sam.mask_decoder.iou_token.weight"
     weights[key] = torch.zeros(1, 7)
@@ -181,9 +198,8 @@ def test_folder_without_state_json_is_named(tmp_path: Path) -> None:
     assert str(folder) in str(exc.value)
 
 
-def test_corrupt_state_json_is_named(saved, tmp_path: Path) -> None:
-    path = tmp_path / "c"
-    shutil.copytree(saved[0], path)
+def test_corrupt_state_json_is_named(decoder_ckpt: Path, tmp_path: Path) -> None:
+    path = _copy(decoder_ckpt, tmp_path)
     (path / STATE).write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt checkpoint state") as exc:
         read_state(path)
@@ -191,14 +207,13 @@ def test_corrupt_state_json_is_named(saved, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["missing", "garbage"])
-def test_unreadable_weights_are_named(saved, tmp_path: Path, damage: str) -> None:
-    path = tmp_path / "c"
-    shutil.copytree(saved[0], path)
+def test_unreadable_weights_are_named(decoder_ckpt: Path, tmp_path: Path, damage: str) -> None:
+    path = _copy(decoder_ckpt, tmp_path)
     if damage == "missing":
         (path / WEIGHTS).unlink()
     else:
         (path / WEIGHTS).write_bytes(b"\x00" * 64)
-    model = build_model(saved[3].model)
+    model = build_model(_config("mask_decoder").model)
     with pytest.raises(CheckpointError, match="cannot read the checkpoint weights") as exc:
         load_weights(path, model)
     assert str(path / WEIGHTS) in str(exc.value)
@@ -209,10 +224,9 @@ class _NotATensor:
 
 
 @pytest.mark.parametrize("content", ["garbage", "pickled_object"])
-def test_unreadable_optimizer_state_is_a_checkpoint_error_naming_the_file(saved, tmp_path: Path,
+def test_unreadable_optimizer_state_is_a_checkpoint_error_naming_the_file(decoder_ckpt: Path, tmp_path: Path,
                                                                           content: str) -> None:
-    path = tmp_path / "c"
-    shutil.copytree(saved[0], path)
+    path = _copy(decoder_ckpt, tmp_path)
     if content == "garbage":
         (path / OPTIMIZER).write_bytes(np.random.default_rng(0).bytes(256))
     else:

@@ -70,20 +70,23 @@ def test_demo_quick_end_to_end(tmp_path: Path, mlflow_server) -> None:
               "--set", "tracking.experiment=demo-quick-test", cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    assert "segtune-sam_tiny-synthetic_em@champion" in out and "untrained model test/iou" in out
+    assert "untrained test/iou" in out  # the pair comparison table
+    for pair in ("sam_tiny", "clipseg_tiny"):
+        assert f"segtune-{pair}-synthetic_em@champion" in out
     # The EPFL layout was written under the working directory's .segtune/data.
     data = tmp_path / ".segtune" / "data" / "synthetic_em"
     for name in ("training.tif", "training_groundtruth.tif", "testing.tif", "testing_groundtruth.tif"):
         assert (data / name).is_file()
     client = MlflowClient(mlflow_server.uri)
-    version = client.get_model_version_by_alias("segtune-sam_tiny-synthetic_em", "champion")
-    champion = client.get_run(version.tags["segtune.run_id"])
-    assert champion.data.tags["segtune.kind"] == "trial"
-    assert champion.data.tags["segtune.model"] == "sam_tiny"
+    for pair in ("sam_tiny", "clipseg_tiny"):
+        version = client.get_model_version_by_alias(f"segtune-{pair}-synthetic_em", "champion")
+        champion = client.get_run(version.tags["segtune.run_id"])
+        assert champion.data.tags["segtune.kind"] == "trial"
+        assert champion.data.tags["segtune.model"] == pair
     exp = client.get_experiment_by_name("demo-quick-test")
     runs = client.search_runs([exp.experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)
-    assert sum(r.data.tags.get("segtune.kind") == "trial" for r in runs) == 3
+    assert sum(r.data.tags.get("segtune.kind") == "trial" for r in runs) == 6  # 3 per pair
 
 
 def test_train_runs_one_trial_without_ray(tmp_path: Path, em_data: Path, mlflow_server) -> None:

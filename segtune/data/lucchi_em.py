@@ -12,6 +12,12 @@ Two folder layouts are read:
   ``testing_groundtruth.tif`` — multi-page uint8 TIFFs, labels 0/255.
 - Lucchi++ (Casser et al., re-annotated): folders ``Train_In/``, ``Train_Out/``, ``Test_In/``,
   ``Test_Out/`` of per-slice ``.tif``/``.png`` files, paired by sorted file name.
+
+Point ``dataset.root`` at the folder holding the four files (or the four folders). The
+training stack gives the ``train`` and ``val`` splits, the testing stack ``test``. Each slice
+is cut into non-overlapping ``patch_size`` tiles (``fit: tile``; 12 tiles of 256x256 per
+768x1024 slice, 1980 per split), and tiles without mitochondria are dropped when
+``drop_empty`` is true. Every sample has the class ``mitochondria`` and no text.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from segtune.data.store import RawDataset
+from segtune.data.raw import DataProblems, RawDataset, RawItem, Target
+from segtune.data.readers import binary_mask
 from segtune.errors import DataError
+
+#: The class name (and index ``class``) of every sample.
+CLASS = "mitochondria"
 
 #: split -> (image stack, label stack) in the EPFL layout.
 EPFL_FILES: dict[str, tuple[str, str]] = {
@@ -42,14 +52,35 @@ Split = tuple[np.ndarray, np.ndarray, str]
 
 
 def build(root: Path) -> RawDataset:
-    """Registry builder: locate both splits under ``root`` without decoding anything."""
+    """Registry builder: locate both splits under ``root`` without decoding anything.
+
+    A split whose files are missing is a problem in the returned dataset (reported with any
+    others by ``check`` and ``prepare``), not an immediate error.
+    """
     root = Path(root)
     files: list[Path] = []
+    entries: dict[str, tuple[str, ...]] = {}
+    problems: list[str] = []
     for split in EPFL_FILES:
-        image_path, mask_path = _split_paths(root, split)
+        try:
+            image_path, mask_path = _split_paths(root, split)
+        except DataError as err:
+            problems.append(str(err))
+            entries[split] = ()
+            continue
         for path in (image_path, mask_path):
             files.extend(_slice_files(path) if path.is_dir() else [path])
-    return RawDataset(root=root, files=tuple(files), load=lambda split: load_split(root, split))
+        entries[split] = (split,)
+    return RawDataset(root=root, files=tuple(files), entries=entries,
+                      read=lambda split: _items(root, split), channels=1, fit="tile",
+                      classes=(CLASS,), problems=tuple(problems))
+
+
+def _items(root: Path, split: str) -> list[RawItem]:
+    """One item per slice; the stacks are read whole (165 x 768 x 1024 is 130 MB)."""
+    images, masks, source = load_split(root, split)
+    return [RawItem(image=images[s], targets=(Target(CLASS, "", masks[s]),), source=source,
+                    slice=s) for s in range(len(images))]
 
 
 def load_split(root: Path, split: str) -> Split:
@@ -57,23 +88,39 @@ def load_split(root: Path, split: str) -> Split:
 
     ``split`` is ``"train"`` or ``"test"``; ``source`` is the image file (EPFL layout) or
     folder (Lucchi++) name, recorded per patch in the prepared store. Raises
-    :class:`~segtune.errors.DataError` for missing or unreadable files, non-uint8 images,
-    mismatched image/label shapes and label values other than {0,255} or {0,1}.
+    :class:`~segtune.data.raw.DataProblems` (a DataError) with every problem of the split:
+    missing or unreadable files, non-uint8 images, a different number of image and label
+    slices, mismatched slice sizes and label values other than {0,255} or {0,1}.
     """
     if split not in EPFL_FILES:
         raise ValueError(f"split must be one of {sorted(EPFL_FILES)}, got {split!r}")
     image_path, mask_path = _split_paths(Path(root), split)
-    if image_path.is_dir():
-        images, masks = _read_folder(image_path), _read_folder(mask_path)
-    else:
-        images, masks = _read_tiff(image_path), _read_tiff(mask_path)
-    _check_image(images, image_path)
-    masks = _binary_mask(masks, mask_path)
-    if images.shape != masks.shape:
-        raise DataError(
-            f"The images in {image_path} have shape {images.shape} (slices, height, width) but "
-            f"the labels in {mask_path} have shape {masks.shape}; they must match slice for "
-            f"slice. Check that the two files belong to the same split.")
+    problems: list[str] = []
+    images = masks = None
+    try:
+        images = _read_folder(image_path) if image_path.is_dir() else _read_tiff(image_path)
+        _check_image(images, image_path)
+    except DataError as err:
+        problems.append(str(err))
+        images = None
+    try:
+        labels = _read_folder(mask_path) if mask_path.is_dir() else _read_tiff(mask_path)
+        masks = binary_mask(labels, mask_path, CLASS)
+    except DataError as err:
+        problems.append(str(err))
+    if images is not None and masks is not None:
+        if len(images) != len(masks):
+            problems.append(
+                f"{mask_path}: {len(masks)} label slices but {image_path} has {len(images)} "
+                f"image slices; expected one label slice per image slice. Check that the two "
+                f"files belong to the same split.")
+        elif images.shape != masks.shape:
+            problems.append(
+                f"{mask_path}: slices of {masks.shape[2]}x{masks.shape[1]} pixels but the "
+                f"slices of {image_path} are {images.shape[2]}x{images.shape[1]}; expected "
+                f"the same size (width x height) slice for slice.")
+    if problems or images is None or masks is None:
+        raise DataProblems(problems)
     return images, masks, image_path.name
 
 
@@ -165,23 +212,3 @@ def _check_image(images: np.ndarray, path: Path) -> None:
             f"{path} holds {images.dtype} pixels; expected 8-bit (uint8) grey levels as in "
             f"the EPFL release. Convert the stack to 8 bit first (deciding the intensity "
             f"window is up to you; segtune does not guess it).")
-
-
-def _binary_mask(masks: np.ndarray, path: Path) -> np.ndarray:
-    """Validate label values ({0,255} or {0,1}) and return a 0/1 uint8 array."""
-    if masks.dtype == bool:
-        return masks.view(np.uint8)
-    if not np.issubdtype(masks.dtype, np.integer) or masks.min() < 0 or masks.max() > 255:
-        raise DataError(f"{path} holds {masks.dtype} labels in [{masks.min()}, {masks.max()}]; "
-                        f"expected integer labels 0 (background) and 255 or 1 (mitochondria).")
-    masks = masks.astype(np.uint8, copy=False)
-    # Histogram slice by slice: bincount casts to int64, which for a whole 130 MB stack would
-    # briefly need 1 GB; np.unique would sort it.
-    histogram = sum(np.bincount(page.ravel(), minlength=256) for page in masks)
-    present = set(np.flatnonzero(histogram).tolist())
-    if not (present <= {0, 255} or present <= {0, 1}):
-        shown = sorted(present)[:8]
-        raise DataError(f"{path} holds label values {shown}{'...' if len(present) > 8 else ''}; "
-                        f"expected only 0 (background) and 255 (mitochondria), or 0 and 1. "
-                        f"Resampled or JPEG-compressed label files have in-between values.")
-    return (masks != 0).view(np.uint8)

@@ -1,20 +1,24 @@
 """The prepared store: fixed-size patches of a dataset, decoded once, memory-mapped after.
 
-``prepare_store`` reads a dataset's raw files through its ``DATASETS`` builder, cuts every
-slice into non-overlapping square tiles, optionally drops tiles without foreground, holds out a
-seeded fraction of the training tiles as ``val`` and writes::
+``prepare_store`` reads a dataset's raw files once through its ``DATASETS`` builder (see
+:mod:`segtune.data.raw`), validating every file on the way, cuts every image to
+``patch_size`` (tiles or a resize, the dataset's ``fit``), optionally drops samples without
+foreground, holds out a seeded fraction of the training images as ``val`` and writes::
 
     <cache_dir>/<name>-<key12>/
-        images.npy   (N, P, P) uint8
-        masks.npy    (N, P, P) uint8, 0/1
+        images.npy   (M, P, P, C) uint8, C = 1 (grey) or 3 (RGB): one row per patch of image
+        masks.npy    (N, P, P) uint8, 0/1: one row per sample
         index.json   samples, per-split index lists, counts, parameters, content hash
+
+A sample is one (image patch, target) pair, so a Cityscapes patch with five classes present
+is stored once in ``images.npy`` and five times in ``masks.npy``; each sample records its
+split, source file, slice, tile position, image row, class and text.
 
 ``key12`` hashes the dataset name, the raw files' names, sizes and mtimes and the parameters,
 so preparing again with the same inputs reuses the folder without decoding anything.
 ``hash`` inside index.json is a sha256 of the arrays and the index: the ``segtune.data_hash``
 tag that ties a run to the exact patches it saw. ``counts.dropped_empty`` is keyed by the raw
-stack a tile came from (``train`` covers both the train and val splits, as val is held out
-after dropping).
+split a sample came from (``train`` covers both the train and val splits).
 """
 
 from __future__ import annotations
@@ -24,34 +28,20 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segtune.errors import ConfigError, DataError
+from segtune.data.raw import Patch, RawDataset, RawItem, Target, resolve, scan
+from segtune.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 _FILES = ("images.npy", "masks.npy", "index.json")
-
-
-@dataclass(frozen=True)
-class RawDataset:
-    """What a ``DATASETS`` builder returns: where the raw files are, and how to read a split.
-
-    ``files`` key the store (name, size, mtime), so a builder must list every file it reads.
-    ``load(split)`` with split ``"train"`` or ``"test"`` returns ``(images (N,H,W) uint8,
-    masks (N,H,W) uint8 0/1, source name)``.
-    """
-
-    root: Path
-    files: tuple[Path, ...]
-    load: Callable[[str], tuple[np.ndarray, np.ndarray, str]]
 
 
 def prepare_store(
@@ -63,33 +53,35 @@ def prepare_store(
     drop_empty: bool = True,
     val_fraction: float = 0.2,
     seed: int = 0,
+    fit: str | None = None,
+    options: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Prepare (or reuse) the patch store of dataset ``name`` read from ``root``.
 
-    Returns the store folder under ``cache_dir``. A store with the same key is returned as is;
-    otherwise it is built in a temporary folder and renamed into place, so an interrupted
-    prepare never leaves a partial store behind. ``progress`` receives short status lines.
+    ``fit`` (``tile`` or ``resize``) overrides the dataset's default; ``options`` are the
+    dataset's own (e.g. ``{"classes": ["car"]}`` for cityscapes). Returns the store folder
+    under ``cache_dir``. A store with the same key is returned as is; otherwise every raw
+    file is validated while the store is built in a temporary folder, which is renamed into
+    place only if no problem was found — so an interrupted or failed prepare never leaves a
+    store that looks complete. ``progress`` receives short status lines.
     """
-    from segtune.data import DATASETS  # the registry imports this module
-
-    if name not in DATASETS:
-        raise ConfigError(f"Unknown dataset {name!r} in dataset.name; known datasets: "
-                          f"{', '.join(sorted(DATASETS))}.")
     if patch_size < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     say = progress or (lambda line: None)
+    raw = resolve(name, Path(root), options)
     # Plain Python types: the parameters go into the folder key and index.json as JSON.
     params = {"patch_size": int(patch_size), "drop_empty": bool(drop_empty),
-              "val_fraction": float(val_fraction), "seed": int(seed)}
+              "val_fraction": float(val_fraction), "seed": int(seed), "fit": fit or raw.fit,
+              "options": json.loads(json.dumps(dict(options or {}), sort_keys=True))}
 
-    raw = DATASETS[name](Path(root))
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{name}-{_store_key(name, raw, params)}"
     if (final / "index.json").is_file():
         say(f"reusing prepared store {final}")
+        say(open_store(final).summary())
         return final
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -114,80 +106,115 @@ def _store_key(name: str, raw: RawDataset, params: dict[str, Any]) -> str:
     files = []
     for path in raw.files:
         stat = path.stat()
-        files.append([path.relative_to(raw.root).as_posix(), stat.st_size, stat.st_mtime_ns])
+        # Files outside the root (e.g. a description sheet given by absolute path) keep
+        # their absolute path.
+        where = path.relative_to(raw.root) if path.is_relative_to(raw.root) else path
+        files.append([where.as_posix(), stat.st_size, stat.st_mtime_ns])
     blob = json.dumps({"format": FORMAT_VERSION, "dataset": name, "params": params,
                        "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+class _Appender:
+    """Rows appended to a .npy file whose header is rewritten with the final count.
+
+    numpy pads every .npy header so that the length of the first axis can grow in place
+    (``GROWTH_AXIS_MAX_DIGITS``), so the data never has to be held in memory or copied.
+    """
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...]) -> None:
+        self.path, self.row_shape, self.count = path, row_shape, 0
+        self.file: BinaryIO = open(path, "wb")
+        self._header()
+        self.offset = self.file.tell()
+
+    def _header(self) -> None:
+        np.lib.format.write_array_header_1_0(
+            self.file, {"descr": "|u1", "fortran_order": False,
+                        "shape": (self.count, *self.row_shape)})
+
+    def append(self, row: np.ndarray) -> int:
+        """Write one row; returns its index."""
+        if row.shape != self.row_shape or row.dtype != np.uint8:
+            raise ValueError(f"{self.path.name}: row of {row.dtype} {row.shape}, expected "
+                             f"uint8 {self.row_shape}")
+        self.file.write(np.ascontiguousarray(row).data)
+        self.count += 1
+        return self.count - 1
+
+    def close(self) -> None:
+        """Rewrite the header with the final row count and close the file."""
+        if self.file.closed:
+            return
+        self.file.seek(0)
+        self._header()
+        if self.file.tell() != self.offset:  # numpy changed its header padding
+            raise RuntimeError(f"{self.path}: the .npy header changed length when rewritten")
+        self.file.close()
+
+
+class _Writer:
+    """The scan's sink: each kept patch's image once, then one mask and record per target."""
+
+    def __init__(self, out: Path, size: int, channels: int) -> None:
+        self.images = _Appender(out / "images.npy", (size, size, channels))
+        self.masks = _Appender(out / "masks.npy", (size, size))
+        self.samples: list[dict[str, Any]] = []
+
+    def __call__(self, split: str, item: RawItem, patch: Patch,
+                 kept: list[tuple[Target, np.ndarray]]) -> None:
+        row = self.images.append(patch.image)
+        for target, mask in kept:
+            self.masks.append(mask)
+            self.samples.append({"split": split, "source": item.source, "slice": item.slice,
+                                 "y": patch.y, "x": patch.x, "image": row,
+                                 "class": target.name, "text": target.text})
+
+    def close(self) -> None:
+        self.images.close()
+        self.masks.close()
+
+
 def _build(name: str, raw: RawDataset, params: dict[str, Any], out: Path,
            say: Callable[[str], None]) -> None:
-    """Decode, tile, filter and split both stacks, then write the three store files."""
-    size = params["patch_size"]
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    samples: list[dict[str, Any]] = []
-    dropped: dict[str, int] = {}
-    for stack in ("train", "test"):
-        say(f"reading the {stack} split of {name} from {raw.root}")
-        images, masks, source = raw.load(stack)
-        say(f"{source}: {images.shape[0]} slices of {images.shape[1]}x{images.shape[2]}")
-        tiles, tile_masks = _tile(images, size), _tile(masks, size)
-        if tiles.size == 0:
-            raise DataError(f"The slices of {source} in {raw.root} are {images.shape[1]}x"
-                            f"{images.shape[2]} pixels, smaller than patch_size {size}; "
-                            f"choose a smaller dataset.patch_size.")
-        keep = (tile_masks.any(axis=(3, 4)) if params["drop_empty"]
-                else np.ones(tiles.shape[:3], dtype=bool))
-        dropped[stack] = int((~keep).sum())
-        # Boolean indexing of the tile views copies only the kept tiles, once.
-        parts.append((tiles[keep], tile_masks[keep]))
-        samples += [{"split": stack, "source": source, "slice": int(s), "y": int(r) * size,
-                     "x": int(c) * size} for s, r, c in np.argwhere(keep)]
-        del images, masks, tiles, tile_masks
+    """Validate, cut, filter and split the dataset, then write the three store files."""
+    writer = _Writer(out, params["patch_size"], raw.channels)
+    try:
+        counts = scan(name, raw, patch_size=params["patch_size"], fit=params["fit"],
+                      drop_empty=params["drop_empty"], sink=writer, say=say,
+                      where=f"in the {name} data at {raw.root}; nothing was prepared")
+    finally:
+        writer.close()
+    samples = writer.samples
 
-    # Validation comes from the training stack, shuffled by tile with the given seed.
-    train_ids = np.array([i for i, s in enumerate(samples) if s["split"] == "train"])
-    if len(train_ids) == 0:
-        raise DataError(f"Every training patch of {name} in {raw.root} has an empty mask, so "
-                        f"there is nothing to train on; check the label files.")
-    order = np.random.default_rng(params["seed"]).permutation(len(train_ids))
-    val_ids = set(train_ids[order[: int(round(params["val_fraction"] * len(train_ids)))]].tolist())
-    for i in val_ids:
-        samples[i]["split"] = "val"
+    # Validation images come from the training split, shuffled by image row with the given
+    # seed, so all samples of one patch (e.g. its Cityscapes classes) share a split.
+    train_rows = list(dict.fromkeys(s["image"] for s in samples if s["split"] == "train"))
+    order = np.random.default_rng(params["seed"]).permutation(len(train_rows))
+    held = round(params["val_fraction"] * len(train_rows))
+    val_rows = {train_rows[i] for i in order[:held].tolist()}
+    for sample in samples:
+        if sample["image"] in val_rows:
+            sample["split"] = "val"
     splits = {split: [i for i, s in enumerate(samples) if s["split"] == split] for split in SPLITS}
 
-    # Copy part by part into memory-mapped files so the full set is never held twice.
-    total = len(samples)
-    images_out = np.lib.format.open_memmap(out / "images.npy", "w+", np.uint8, (total, size, size))
-    masks_out = np.lib.format.open_memmap(out / "masks.npy", "w+", np.uint8, (total, size, size))
-    start = 0
-    for tiles, tile_masks in parts:
-        images_out[start:start + len(tiles)] = tiles
-        masks_out[start:start + len(tiles)] = tile_masks
-        start += len(tiles)
-    images_out.flush()
-    masks_out.flush()
-
+    images = np.load(out / "images.npy", mmap_mode="r")
+    masks = np.load(out / "masks.npy", mmap_mode="r")
     index: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "dataset": name,
         "params": params,
+        "channels": raw.channels,
         "counts": {"samples": {split: len(ids) for split, ids in splits.items()},
-                   "dropped_empty": dropped},
+                   "images": len(images),
+                   "dropped_empty": counts.summary()["dropped_empty"],
+                   "classes": counts.summary()["classes"]},
         "splits": splits,
         "samples": samples,
     }
-    index["hash"] = _content_hash(images_out, masks_out, index)
-    del images_out, masks_out
+    index["hash"] = _content_hash(images, masks, index)
+    del images, masks
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-
-
-def _tile(stack: np.ndarray, size: int) -> np.ndarray:
-    """A (N, rows, cols, size, size) view of the non-overlapping tiles; borders dropped."""
-    n, height, width = stack.shape
-    rows, cols = height // size, width // size
-    cropped = stack[:, : rows * size, : cols * size]
-    return cropped.reshape(n, rows, size, cols, size).transpose(0, 1, 3, 2, 4)
 
 
 def _content_hash(images: np.ndarray, masks: np.ndarray, index: dict[str, Any]) -> str:
@@ -203,33 +230,51 @@ def _content_hash(images: np.ndarray, masks: np.ndarray, index: dict[str, Any]) 
 
 
 class SegDataset(Dataset):
-    """One split of a store: ``{"image": uint8 (1,P,P), "mask": float32 (1,P,P), "index"}``.
+    """One split of a store; each item is a dict::
 
-    Arrays are memory-mapped lazily and the maps are not pickled, so the dataset is cheap to
-    send to DataLoader workers and Ray trial processes.
+        {"image": uint8 (C,P,P), "mask": float32 (1,P,P) in {0,1}, "index": int, "text": str}
+
+    ``index`` is the sample's position in the whole store (stable across runs, used to seed
+    its prompts); ``text`` is its text prompt — a Cityscapes class name, a QaTa-COV19
+    description — or ``""`` where the dataset has none. Arrays are memory-mapped lazily and
+    neither the maps nor the per-sample table are pickled, so the dataset is cheap to send
+    to DataLoader workers and Ray trial processes.
     """
 
-    def __init__(self, path: Path, indices: Sequence[int], split: str) -> None:
+    def __init__(self, path: Path, indices: Sequence[int] | np.ndarray, split: str) -> None:
         self.path = Path(path)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.split = split
         self._images: np.ndarray | None = None
         self._masks: np.ndarray | None = None
+        self._rows: np.ndarray | None = None
+        self._texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _open(self) -> None:
+        self._images = np.load(self.path / "images.npy", mmap_mode="r")
+        self._masks = np.load(self.path / "masks.npy", mmap_mode="r")
+        samples = json.loads((self.path / "index.json").read_text())["samples"]
+        self._rows = np.array([s["image"] for s in samples], dtype=np.int64)
+        self._texts = [s["text"] for s in samples]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._images is None:
+            self._open()
+        assert self._images is not None and self._masks is not None
+        assert self._rows is not None and self._texts is not None
         sample = int(self.indices[i])
-        if self._images is None or self._masks is None:
-            self._images = np.load(self.path / "images.npy", mmap_mode="r")
-            self._masks = np.load(self.path / "masks.npy", mmap_mode="r")
-        image = torch.from_numpy(np.array(self._images[sample]))[None]
+        # (P, P, C) on disk, (C, P, P) for torch; the copy also detaches it from the map.
+        image = torch.from_numpy(np.array(self._images[self._rows[sample]].transpose(2, 0, 1),
+                                          order="C"))
         mask = torch.from_numpy(self._masks[sample].astype(np.float32))[None]
-        return {"image": image, "mask": mask, "index": sample}
+        return {"image": image, "mask": mask, "index": sample, "text": self._texts[sample]}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_images": None, "_masks": None}
+        return {**self.__dict__, "_images": None, "_masks": None, "_rows": None,
+                "_texts": None}
 
     def subset(self, n: int) -> SegDataset:
         """The first ``n`` samples of this split (all of them if it has fewer)."""
@@ -247,6 +292,7 @@ class Store:
         self.hash: str = index["hash"]
         self.dataset: str = index["dataset"]
         self.patch_size: int = index["params"]["patch_size"]
+        self.channels: int = index["channels"]
 
     def split(self, name: str) -> SegDataset:
         """The ``train``, ``val`` or ``test`` split as a torch Dataset."""
@@ -255,14 +301,26 @@ class Store:
                             f"{', '.join(self.index['splits'])}.")
         return SegDataset(self.path, self.index["splits"][name], name)
 
-    def summary(self) -> str:
-        """One line: samples per split, dropped empty patches, patch size, content hash."""
+    def info(self) -> dict[str, Any]:
+        """What ``segtune data info --json`` prints: splits, counts, parameters, hash."""
         counts = self.index["counts"]
-        samples = ", ".join(f"{split} {n}" for split, n in counts["samples"].items())
-        dropped = ", ".join(f"{n} {stack}" for stack, n in counts["dropped_empty"].items())
-        size = self.patch_size
-        return (f"{self.dataset}: {samples} patches of {size}x{size}; dropped empty: {dropped}; "
-                f"hash {self.hash[:12]}")
+        return {"path": str(self.path), "dataset": self.dataset, "hash": self.hash,
+                "patch_size": self.patch_size, "channels": self.channels,
+                "fit": self.index["params"]["fit"], "options": self.index["params"]["options"],
+                "splits": dict(counts["samples"]), "images": counts["images"],
+                "dropped_empty": dict(counts["dropped_empty"]),
+                "classes": dict(counts["classes"])}
+
+    def summary(self) -> str:
+        """One line: samples per split, images, dropped empty samples, classes, hash."""
+        info = self.info()
+        samples = ", ".join(f"{split} {n}" for split, n in info["splits"].items())
+        dropped = ", ".join(f"{n} {split}" for split, n in info["dropped_empty"].items())
+        classes = ", ".join(f"{name} {n}" for name, n in info["classes"].items()) or "none"
+        size, colour = self.patch_size, "RGB" if self.channels == 3 else "grey"
+        return (f"{self.dataset}: {samples} samples of {size}x{size} ({colour}, {info['fit']}) "
+                f"from {info['images']} image patches; dropped empty: {dropped}; classes: "
+                f"{classes}; hash {self.hash[:12]}")
 
     def verify(self) -> None:
         """Recompute the content hash; raise DataError if the files were changed."""
@@ -280,18 +338,19 @@ def open_store(path: Path) -> Store:
     if missing:
         raise DataError(f"{path} is not a prepared segtune store: {', '.join(missing)} "
                         f"missing (a store holds {', '.join(_FILES)}). Point to the folder "
-                        f"that segtune.data.prepare_store returned.")
+                        f"that `segtune data prepare` printed.")
     try:
         index = json.loads((path / "index.json").read_text())
-        shapes = {name: np.load(path / name, mmap_mode="r").shape for name in _FILES[:2]}
-        expected = (len(index["samples"]), index["params"]["patch_size"],
-                    index["params"]["patch_size"])
         if index.get("format") != FORMAT_VERSION or "hash" not in index:
             raise ValueError(f"format {index.get('format')!r}, expected {FORMAT_VERSION}")
+        shapes = {name: np.load(path / name, mmap_mode="r").shape for name in _FILES[:2]}
+        size = index["params"]["patch_size"]
+        expected = {"images.npy": (index["counts"]["images"], size, size, index["channels"]),
+                    "masks.npy": (len(index["samples"]), size, size)}
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise DataError(f"{path} is not a readable segtune store ({exc}); delete it and "
                         f"prepare again.") from exc
-    if any(shape != expected for shape in shapes.values()):
+    if shapes != expected:
         raise DataError(f"The arrays in {path} have shapes {shapes} but index.json describes "
                         f"{expected}; the store is damaged. Delete it and prepare again.")
     return Store(path, index)

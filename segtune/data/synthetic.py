@@ -24,7 +24,7 @@ import tifffile
 
 from segtune.data import lucchi_em
 from segtune.data.lucchi_em import EPFL_FILES
-from segtune.data.store import RawDataset
+from segtune.data.raw import RawDataset
 
 # Mitochondria are placed one per cell of this size (plus extras) so that almost every
 # 256x256 patch of a slice contains foreground and few patches are dropped as empty.

@@ -1,6 +1,7 @@
 """Model families behind one interface (`Segmenter`), registered in MODELS by YAML name.
 
-Each entry is a thin builder `(variant, checkpoint) -> Segmenter`.
+Each entry is a thin builder `(ModelConfig) -> Segmenter`: the config's variant, checkpoint
+and training policy (which may add modules, such as SAM's encoder adapters).
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import torch
 from segtune.config import ModelConfig
 from segtune.errors import ConfigError
 from segtune.models.base import Segmenter, load_state_strict
-from segtune.models.sam import build_sam
+from segtune.models.clipseg import build_clipseg
+from segtune.models.pasam import build_pasam
+from segtune.models.sam import build_medsam, build_sam
 
-MODELS: dict[str, Callable[[str, str | None], Segmenter]] = {
+MODELS: dict[str, Callable[[ModelConfig], Segmenter]] = {
     "sam": build_sam,
+    "medsam": build_medsam,
+    "pasam": build_pasam,
+    "clipseg": build_clipseg,
 }
 
 # Random initialisation is seeded with this, so the frozen part of a randomly initialised model
@@ -29,7 +35,7 @@ def build_model(cfg: ModelConfig) -> Segmenter:
         raise ConfigError(f"model.name: unknown model {cfg.name!r}; expected one of {', '.join(MODELS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
-        model = MODELS[cfg.name](cfg.variant, cfg.checkpoint)
+        model = MODELS[cfg.name](cfg)
     model.set_policy(cfg.train)
     return model
 

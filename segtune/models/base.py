@@ -55,7 +55,7 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
     own = module.state_dict()
     expected = set(own) if only is None else only
     missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - set(own))
+    unexpected = sorted(set(state) - expected)
     shape_bad = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or shape_bad:
         def show(keys: list[str]) -> str:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from segtune.config import ModelConfig
 from segtune.errors import CheckpointError, ConfigError
 from segtune.models.base import Segmenter, load_state_strict
 from segtune.prompts import PromptBatch
@@ -71,63 +72,137 @@ def build_sam_modules(spec: SamSpec) -> Sam:
                pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
 
 
+class ParallelAdapter(nn.Module):
+    """A bottleneck beside an encoder block's MLP (AdaptFormer-style): `mlp(x) + up(gelu(down(x)))`.
+
+    `up` starts at zero, so an adapted SAM computes exactly what the plain one does until trained.
+    """
+
+    def __init__(self, dim: int, ratio: float = 0.25):
+        super().__init__()
+        hidden = max(4, int(dim * ratio))
+        self.down, self.up = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.gelu(self.down(x)))
+
+
+def add_adapters(sam: Sam) -> nn.ModuleList:
+    """Attach a ParallelAdapter to every encoder block (as `blocks.N.adapter`), via a forward hook
+    on the block's MLP, so SAM's own state-dict keys stay as the official checkpoints name them."""
+    adapters = nn.ModuleList()
+    for block in sam.image_encoder.blocks:
+        block.adapter = ParallelAdapter(block.mlp.lin1.in_features)
+        block.mlp.register_forward_hook(lambda mod, args, out, a=block.adapter: out + a(args[0]))
+        adapters.append(block.adapter)
+    return adapters
+
+
 class SamSegmenter(Segmenter):
-    """SAM with batched training-friendly calls: images + point/box prompts -> mask logits."""
+    """SAM with batched training-friendly calls: images + point/box prompts -> mask logits.
 
-    policies = ("full", "mask_decoder")
+    `keep_aspect` is SAM's ResizeLongestSide + padding; MedSAM instead resizes to a square.
+    """
 
-    def __init__(self, sam: Sam):
+    policies = ("full", "mask_decoder", "adapter")
+
+    def __init__(self, sam: Sam, *, keep_aspect: bool = True):
         super().__init__()
         self.sam = sam
         self.image_size = sam.image_encoder.img_size
+        self.keep_aspect = keep_aspect
+        self.adapters: nn.ModuleList | None = None
 
     def parameter_groups(self, policy: str) -> list[nn.Parameter]:
         if policy == "full":
-            return list(self.sam.parameters())
+            return list(self.parameters())
         if policy == "mask_decoder":
             return list(self.sam.mask_decoder.parameters())
-        raise ConfigError(f"model.train: SAM has no policy {policy!r}; expected one of {', '.join(self.policies)}")
+        if policy == "adapter" and self.adapters is not None:
+            return list(self.adapters.parameters()) + list(self.sam.mask_decoder.parameters())
+        raise ConfigError(f"model.train: {type(self).__name__} has no policy {policy!r} here; "
+                          f"expected one of {', '.join(self.policies)}")
 
-    def _resize_scale(self, h: int, w: int) -> float:
-        return self.image_size / max(h, w)
+    def geometry(self, h: int, w: int) -> tuple[float, float, tuple[int, int]]:
+        """(x scale, y scale, resized size) from an input of size (h, w) to the encoder's input."""
+        if not self.keep_aspect:
+            return self.image_size / w, self.image_size / h, (self.image_size, self.image_size)
+        s = self.image_size / max(h, w)
+        return s, s, (round(h * s), round(w * s))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """SAM's pixel mean/std on 0..255 input."""
+        return (x - self.sam.pixel_mean) / self.sam.pixel_std
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8-range images `(B,C,H,W)` -> SAM input: longest side resized, normalised, padded."""
+        """uint8-range images `(B,C,H,W)` -> encoder input: resized, normalised, padded."""
         x = images.float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        h, w = x.shape[-2:]
-        scale = self._resize_scale(h, w)
-        if scale != 1.0:
-            x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
-        x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+        _, _, size = self.geometry(*x.shape[-2:])
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = self.normalise(x)
         return F.pad(x, (0, self.image_size - x.shape[-1], 0, self.image_size - x.shape[-2]))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.sam.image_encoder(self.preprocess(images))
 
-    def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, size: tuple[int, int]) -> torch.Tensor:
-        scale = self._resize_scale(*size)
-        scaled = (round(size[0] * scale), round(size[1] * scale))
+    def scaled_prompts(self, prompts: PromptBatch, i: int, sx: float, sy: float):
+        """Image i's points and box in encoder coordinates, as SAM's prompt encoder takes them."""
+        scale = torch.tensor([sx, sy], device=self.sam.pixel_mean.device)
+        points = None
+        if prompts.points is not None:
+            points = (prompts.points[i : i + 1] * scale, prompts.labels[i : i + 1])
+        boxes = None if prompts.boxes is None else prompts.boxes[i : i + 1] * scale.repeat(2)
+        return points, boxes
+
+    def low_res_logits(self, embeddings: torch.Tensor, prompts: PromptBatch, sx: float, sy: float,
+                       images: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's low-resolution mask logits `(B,1,4h,4w)`, one image at a time.
+
+        SAM's decoder pairs one image with many prompts; a training batch is many images with
+        one prompt each, so decode image by image.
+        """
         dense_pe = self.sam.prompt_encoder.get_dense_pe()
         out = []
-        # SAM's decoder pairs one image with many prompts; a training batch is many images with
-        # one prompt each, so decode image by image.
         for i in range(embeddings.shape[0]):
-            points = None
-            if prompts.points is not None:
-                points = (prompts.points[i : i + 1] * scale, prompts.labels[i : i + 1])
-            boxes = None if prompts.boxes is None else prompts.boxes[i : i + 1] * scale
+            points, boxes = self.scaled_prompts(prompts, i, sx, sy)
             sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
             low_res, _ = self.sam.mask_decoder(
                 image_embeddings=embeddings[i : i + 1], image_pe=dense_pe,
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
             )
             out.append(low_res)
-        low = torch.cat(out)
+        return torch.cat(out)
+
+    def postprocess(self, low: torch.Tensor, resized: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Low-res logits -> the encoder frame -> crop the padding -> the input size."""
         masks = F.interpolate(low, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        masks = masks[..., : scaled[0], : scaled[1]]
+        masks = masks[..., : resized[0], : resized[1]]
         return F.interpolate(masks, size, mode="bilinear", align_corners=False)
+
+    def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, size: tuple[int, int]) -> torch.Tensor:
+        sx, sy, resized = self.geometry(*size)
+        return self.postprocess(self.low_res_logits(embeddings, prompts, sx, sy), resized, size)
+
+
+class MedSamSegmenter(SamSegmenter):
+    """MedSAM: SAM vit_b fine-tuned on medical images, with its own preprocessing.
+
+    The image is resized to a 1024x1024 square (aspect not kept) and min-max scaled to [0, 1]
+    per image, with no mean/std; prompts are boxes, one mask per box.
+    """
+
+    def __init__(self, sam: Sam):
+        super().__init__(sam, keep_aspect=False)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        return (x - lo) / (hi - lo).clamp(min=1e-8)
 
 
 def _load_official(sam: Sam, path: Path) -> None:
@@ -138,19 +213,34 @@ def _load_official(sam: Sam, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt or non-tensor file: name it, no traceback
         raise CheckpointError(f"model.checkpoint: {path} could not be read as a weights-only PyTorch "
-                              f"state dict ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}).") from None
+                              f"state dict ({err.__class__.__name__}: {(str(err).splitlines() or [''])[0][:200]}).") from None
     load_state_strict(sam, state, str(path))
 
 
-def build_sam(variant: str, checkpoint: str | None = None) -> SamSegmenter:
-    """Build a SAM variant; the official variants load `checkpoint` (weights only)."""
-    if variant not in SAM_VARIANTS:
-        raise ConfigError(f"model.variant: SAM has no variant {variant!r}; expected one of {', '.join(SAM_VARIANTS)}")
-    spec = SAM_VARIANTS[variant]
+def _build(cfg: ModelConfig, wrapper: type[SamSegmenter], family: str, weights_file: str | None) -> SamSegmenter:
+    if cfg.variant not in SAM_VARIANTS:
+        raise ConfigError(f"model.variant: {family} has no variant {cfg.variant!r}; expected one of {', '.join(SAM_VARIANTS)}")
+    spec = SAM_VARIANTS[cfg.variant]
+    if cfg.checkpoint is None and spec.checkpoint_file is not None:
+        # Before building: a vit_h costs seconds and gigabytes just to be refused.
+        raise ConfigError(f"model.checkpoint: {family} {cfg.variant} needs its weights; set model.checkpoint "
+                          f"to the path of {weights_file or spec.checkpoint_file}.")
     sam = build_sam_modules(spec)
-    if checkpoint is not None:
-        _load_official(sam, Path(checkpoint))
-    elif spec.checkpoint_file is not None:
-        raise ConfigError(f"model.checkpoint: SAM {variant} needs its weights; set model.checkpoint to the "
-                          f"path of {spec.checkpoint_file}.")
-    return SamSegmenter(sam)
+    if cfg.checkpoint is not None:
+        _load_official(sam, Path(cfg.checkpoint))
+    model = wrapper(sam)
+    if cfg.train == "adapter":
+        model.adapters = add_adapters(sam)  # after loading: the official keys know no adapters
+    return model
+
+
+def build_sam(cfg: ModelConfig) -> SamSegmenter:
+    """SAM: `vit_b`/`vit_l`/`vit_h` from the official checkpoint files (weights only), or `tiny`."""
+    return _build(cfg, SamSegmenter, "SAM", None)
+
+
+def build_medsam(cfg: ModelConfig) -> SamSegmenter:
+    """MedSAM: a SAM vit_b with `medsam_vit_b.pth` (a plain SAM state dict), or `tiny`."""
+    if cfg.variant not in ("vit_b", "tiny"):
+        raise ConfigError(f"model.variant: MedSAM has variants vit_b and tiny, not {cfg.variant!r}")
+    return _build(cfg, MedSamSegmenter, "MedSAM", "medsam_vit_b.pth")

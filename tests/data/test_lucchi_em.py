@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from segtune.data import DATASETS, lucchi_em
+from segtune.data import DATASETS, lucchi_em, open_store, prepare_store, synth_em
 from segtune.data.lucchi_em import load_split
 from segtune.errors import DataError, SegtuneError
 
@@ -66,7 +66,11 @@ def test_registry_builders_return_raw_files_without_decoding(tmp_path: Path) -> 
     raw = lucchi_em.build(root)
     assert sorted(p.name for p in raw.files) == sorted(
         ["training.tif", "training_groundtruth.tif", "testing.tif", "testing_groundtruth.tif"])
-    assert raw.load("test")[2] == "testing.tif"
+    assert raw.entries == {"train": ("train",), "test": ("test",)} and raw.problems == ()
+    items = raw.read("test")
+    assert [item.slice for item in items] == [0, 1, 2]
+    assert {item.source for item in items} == {"testing.tif"}
+    assert items[0].targets[0].name == "mitochondria" and items[0].targets[0].text == ""
 
 
 def _corrupt(root: Path) -> str:
@@ -117,9 +121,9 @@ def test_bad_raw_files_raise_data_error_naming_the_file(tmp_path: Path, make) ->
 
 def test_missing_files_message_lists_both_layouts_and_what_was_found(tmp_path: Path) -> None:
     _missing(tmp_path / "em")
-    with pytest.raises(DataError) as info:
-        lucchi_em.build(tmp_path / "em")
-    message = str(info.value)
+    raw = lucchi_em.build(tmp_path / "em")
+    assert raw.entries == {"train": (), "test": ()} and len(raw.problems) == 2
+    message = raw.problems[0]
     for expected in ("training.tif", "training_groundtruth.tif", "Train_In/", "readme.txt"):
         assert expected in message
 
@@ -134,3 +138,25 @@ def test_masks_in_0_1_are_accepted(tmp_path: Path) -> None:
 def test_unknown_split_is_a_programming_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="split"):
         load_split(_epfl(tmp_path), "val")
+
+
+def test_two_768x1024_slices_give_24_patches_per_split(tmp_path: Path) -> None:
+    root = synth_em(tmp_path / "em", slices=2)
+    store = open_store(prepare_store("lucchi_em", root, tmp_path / "cache", drop_empty=False))
+    counts = store.index["counts"]["samples"]
+    assert counts["train"] + counts["val"] == 24 and counts["test"] == 24
+    assert counts["val"] == round(0.2 * 24)
+    assert {(s["y"], s["x"]) for s in store.index["samples"]} == {
+        (y, x) for y in (0, 256, 512) for x in (0, 256, 512, 768)}
+    kept = open_store(prepare_store("lucchi_em", root, tmp_path / "cache"))
+    dropped = kept.index["counts"]["dropped_empty"]
+    assert sum(kept.index["counts"]["samples"].values()) == 48 - dropped["train"] - dropped["test"]
+
+
+def test_every_problem_of_a_split_is_reported_together(tmp_path: Path) -> None:
+    _epfl(tmp_path, images=np.zeros((3, 64, 96), np.uint16),
+          masks=np.full((3, 64, 96), 128, np.uint8))
+    with pytest.raises(DataError) as info:
+        load_split(tmp_path, "train")
+    assert info.value.problems[0].startswith(str(tmp_path / "training.tif"))
+    assert info.value.problems[1].startswith(str(tmp_path / "training_groundtruth.tif"))

@@ -12,7 +12,7 @@ import tifffile
 import torch
 from torch.utils.data import DataLoader
 
-from segtune.data import DATASETS, open_store, prepare_store, synth_em
+from segtune.data import DATASETS, RawDataset, RawItem, Target, open_store, prepare_store, synth_em
 from segtune.data import lucchi_em as lucchi_module
 from segtune.errors import ConfigError, DataError
 
@@ -47,7 +47,8 @@ def test_counts_match_the_tiles_with_foreground(raw: Path, tmp_path: Path) -> No
     assert counts["samples"]["test"] == kept_test
     images = np.load(store.path / "images.npy")
     masks = np.load(store.path / "masks.npy")
-    assert images.shape == masks.shape == (kept_train + kept_test, 128, 128)
+    assert images.shape == (kept_train + kept_test, 128, 128, 1)
+    assert masks.shape == (kept_train + kept_test, 128, 128)
     assert images.dtype == masks.dtype == np.uint8
     assert set(np.unique(masks).tolist()) == {0, 1} and masks.any(axis=(1, 2)).all()
     assert "128x128" in store.summary() and str(counts["samples"]["val"]) in store.summary()
@@ -64,7 +65,9 @@ def test_patches_are_the_raw_pixels_at_the_recorded_position(raw: Path, tmp_path
     images = np.load(store.path / "images.npy")
     for i, sample in enumerate(store.index["samples"]):
         s, y, x = sample["slice"], sample["y"], sample["x"]
-        assert np.array_equal(images[i], stacks[sample["source"]][s, y:y + 200, x:x + 200])
+        assert sample["image"] == i  # one target per tile: one image row per sample
+        assert np.array_equal(images[i, ..., 0],
+                              stacks[sample["source"]][s, y:y + 200, x:x + 200])
     assert {(s["y"], s["x"]) for s in store.index["samples"]} == {(0, 0), (0, 200), (200, 0),
                                                                   (200, 200)}
 
@@ -97,16 +100,16 @@ def test_same_inputs_reuse_the_store_without_reading(raw: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     lines: list[str] = []
     path = prepare_store("synthetic_em", raw, tmp_path, patch_size=256, progress=lines.append)
-    assert any("training.tif" in line for line in lines)
+    assert any("reading the train split of synthetic_em" in line for line in lines)
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the raw stacks were decoded again")
 
-    monkeypatch.setattr(lucchi_module.tifffile, "imread", refuse)
+    monkeypatch.setattr(lucchi_module, "load_split", refuse)
     lines.clear()
     assert prepare_store("synthetic_em", raw, tmp_path, patch_size=256,
                          progress=lines.append) == path
-    assert lines == [f"reusing prepared store {path}"]
+    assert lines == [f"reusing prepared store {path}", open_store(path).summary()]
 
 
 def test_failed_prepare_leaves_no_partial_store(raw: Path, tmp_path: Path,
@@ -135,6 +138,8 @@ def test_split_datasets_yield_torch_samples(raw: Path, tmp_path: Path) -> None:
     assert item["mask"].dtype == torch.float32 and item["mask"].shape == (1, 128, 128)
     assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
     assert item["index"] == store.index["splits"]["train"][0]
+    assert item["text"] == ""  # EM samples carry no text prompt
+    item["image"][0, 0, 0] = 7  # a copy: writable, and the store is untouched
     assert len(train) == store.index["counts"]["samples"]["train"]
 
     quick = train.subset(3)
@@ -183,3 +188,78 @@ def test_lucchi_em_store_from_real_layout_files(raw: Path, tmp_path: Path) -> No
     assert real.dataset == "lucchi_em" and real.path != synthetic.path
     assert np.array_equal(np.load(real.path / "images.npy"),
                           np.load(synthetic.path / "images.npy"))
+
+
+def _scene(seed: int, height: int = 64, width: int = 96) -> RawItem:
+    """An RGB item with two targets: "left" (a bar at x < 20) and "dot" (only on odd seeds)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    left = np.zeros((height, width), np.uint8)
+    left[:, :20] = 1
+    targets = [Target("left", "a bar on the left", left)]
+    if seed % 2:
+        dot = np.zeros((height, width), np.uint8)
+        dot[5:9, 40:44] = 1
+        targets.append(Target("dot", "a small dot", dot))
+    return RawItem(image=image, targets=tuple(targets), source=f"scene{seed}.png")
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A registered in-memory RGB dataset: 6 train scenes, 2 test scenes, options recorded."""
+    def build(root: Path, *, flavour: str = "plain") -> RawDataset:
+        entries = {"train": tuple(range(6)), "test": (6, 7)}
+        return RawDataset(root=root, files=(), entries=entries, read=lambda seed: [_scene(seed)],
+                          channels=3, fit="resize", classes=("left", "dot"))
+
+    monkeypatch.setitem(DATASETS, "fake", build)
+    return "fake"
+
+
+def test_rgb_targets_share_one_image_row(fake: str, tmp_path: Path) -> None:
+    store = open_store(prepare_store(fake, tmp_path, tmp_path, patch_size=32, val_fraction=0.34,
+                                     options={"flavour": "odd"}))
+    images = np.load(store.path / "images.npy")
+    masks = np.load(store.path / "masks.npy")
+    samples = store.index["samples"]
+    assert images.shape == (8, 32, 32, 3) and masks.shape == (12, 32, 32)
+    assert store.channels == 3 and store.index["params"]["options"] == {"flavour": "odd"}
+    assert store.index["counts"]["classes"] == {"dot": 4, "left": 8}
+    by_row: dict[int, set[str]] = {}
+    for sample in samples:
+        by_row.setdefault(sample["image"], set()).add(sample["split"])
+        assert sample["text"] == {"left": "a bar on the left", "dot": "a small dot"}[
+            sample["class"]]
+    assert all(len(splits) == 1 for splits in by_row.values())  # a patch is in one split
+    val_rows = {s["image"] for s in samples if s["split"] == "val"}
+    assert len(val_rows) == round(0.34 * 6)
+
+    dataset = store.split("train")
+    item = dataset[0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.uint8
+    sample = samples[item["index"]]
+    assert torch.equal(item["image"], torch.from_numpy(images[sample["image"]]).permute(2, 0, 1))
+    assert item["text"] == sample["text"]
+    # The resized bar covers the left 20/96 of the width: columns 0..5 of 32 (nearest).
+    left = next(dataset[i]["mask"][0] for i in range(len(dataset))
+                if samples[dataset[i]["index"]]["class"] == "left")
+    assert left[:, :6].all() and not left[:, 7:].any()
+    batch = next(iter(DataLoader(dataset, batch_size=3)))
+    assert batch["image"].shape == (3, 3, 32, 32) and len(batch["text"]) == 3
+
+
+def test_unknown_dataset_option_is_a_config_error(fake: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="flavour") as info:
+        prepare_store(fake, tmp_path, tmp_path, options={"classes": ["car"]})
+    assert "classes" in str(info.value)
+    with pytest.raises(ConfigError, match="has no option classes; its options are none"):
+        prepare_store("lucchi_em", tmp_path, tmp_path, options={"classes": ["car"]})
+
+
+def test_stores_of_an_older_format_are_refused(raw: Path, tmp_path: Path) -> None:
+    path = prepare_store("synthetic_em", raw, tmp_path, patch_size=256)
+    index = json.loads((path / "index.json").read_text())
+    index["format"] = 1
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="format 1"):
+        open_store(path)

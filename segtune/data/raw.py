@@ -1,0 +1,252 @@
+"""What a dataset module hands the store, and the one pass that reads, checks and cuts it.
+
+A ``DATASETS`` builder returns a :class:`RawDataset`: the files it found, the entries of its
+``train`` and ``test`` splits, a ``read(entry)`` that decodes one entry into
+:class:`RawItem` objects (an image and its binary :class:`Target` masks), and the problems it
+could see without decoding anything (missing pairs, missing folders).
+
+:func:`scan` is the single pass over every entry that both ``segtune data check`` and
+``prepare`` run: it collects every problem instead of stopping at the first, cuts each item to
+``patch_size`` (``tile``: non-overlapping tiles, borders dropped; ``resize``: the whole image
+resized to a square) and hands the kept patches to a sink, the store writer. Once a problem
+is found nothing more is handed on, but reading continues so the report is complete.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segtune.errors import ConfigError, DataError
+
+#: The splits a dataset provides; ``val`` is held out of ``train`` by the store.
+RAW_SPLITS = ("train", "test")
+FITS = ("tile", "resize")
+
+
+class DataProblems(DataError):
+    """One or more problems with raw files, reported together.
+
+    ``problems`` holds one line per problem, each naming a file and what was expected; the
+    message is the single problem, or a heading followed by one line per problem.
+    """
+
+    def __init__(self, problems: Sequence[str], heading: str | None = None) -> None:
+        self.problems = list(problems)
+        if heading is None:
+            message = "\n".join(self.problems)
+        else:
+            message = heading + ":\n" + "\n".join(f"  - {line}" for line in self.problems)
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One binary target of an image: class name, text prompt ("" if none), 0/1 mask."""
+
+    name: str
+    text: str
+    mask: np.ndarray  # (H, W) uint8 in {0, 1}
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One decoded image with its targets; ``source`` is the file relative to the root."""
+
+    image: np.ndarray  # (H, W) or (H, W, 3) uint8
+    targets: tuple[Target, ...]
+    source: str
+    slice: int = 0  # the page of a stack; 0 for single images
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """What a ``DATASETS`` builder returns; see the module docstring.
+
+    ``files`` key the store (name, size, mtime), so a builder lists every file it reads.
+    ``entries`` maps ``train`` and ``test`` to whatever ``read`` takes. ``channels`` (1 or 3)
+    is what ``read`` returns; ``fit`` the dataset's default way to reach ``patch_size``.
+    """
+
+    root: Path
+    files: tuple[Path, ...]
+    entries: Mapping[str, Sequence[Any]]
+    read: Callable[[Any], Sequence[RawItem]]
+    channels: int = 1
+    fit: str = "tile"
+    classes: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A ``patch_size`` square of an item: top-left corner in the source, image, masks."""
+
+    y: int
+    x: int
+    image: np.ndarray  # (P, P, C)
+    masks: list[np.ndarray]  # one (P, P) per target of the item
+
+
+@dataclass
+class ScanCounts:
+    """Per raw split: items read, samples kept, samples dropped as empty, items too small."""
+
+    items: Counter[str] = field(default_factory=Counter)
+    samples: Counter[str] = field(default_factory=Counter)
+    dropped_empty: Counter[str] = field(default_factory=Counter)
+    too_small: Counter[str] = field(default_factory=Counter)
+    classes: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain dicts, as index.json and ``data check --json`` show them."""
+        return {"items": {s: self.items[s] for s in RAW_SPLITS},
+                "samples": {s: self.samples[s] for s in RAW_SPLITS},
+                "dropped_empty": {s: self.dropped_empty[s] for s in RAW_SPLITS},
+                "classes": dict(sorted(self.classes.items()))}
+
+
+Sink = Callable[[str, RawItem, Patch, list[tuple[Target, np.ndarray]]], None]
+
+
+def resolve(name: str, root: Path, options: Mapping[str, Any] | None = None) -> RawDataset:
+    """Look ``name`` up in ``DATASETS`` and build it; ConfigError for unknown names/options.
+
+    Options are the builder's keyword-only parameters (e.g. ``classes`` for cityscapes), so
+    an option a dataset does not take is refused instead of silently ignored.
+    """
+    from segtune.data import DATASETS  # the registry imports this module
+
+    if name not in DATASETS:
+        raise ConfigError(f"Unknown dataset {name!r} in dataset.name; known datasets: "
+                          f"{', '.join(sorted(DATASETS))}.")
+    builder = DATASETS[name]
+    accepted = [p.name for p in inspect.signature(builder).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options or {}) - set(accepted))
+    if unknown:
+        raise ConfigError(f"dataset.{unknown[0]}: the {name} dataset has no option "
+                          f"{', '.join(unknown)}; its options are "
+                          f"{', '.join(accepted) if accepted else 'none'}.")
+    return builder(Path(root), **dict(options or {}))
+
+
+def cut(item: RawItem, size: int, fit: str) -> Iterator[Patch]:
+    """The item's patches: non-overlapping tiles (borders dropped) or one resized square.
+
+    Resizing uses bilinear (antialiased) interpolation for images and nearest neighbour for
+    masks, so masks stay 0/1.
+    """
+    image = item.image if item.image.ndim == 3 else item.image[..., None]
+    if fit == "resize":
+        yield Patch(0, 0, _resize(image, size, Image.Resampling.BILINEAR),
+                    [_resize(t.mask, size, Image.Resampling.NEAREST) for t in item.targets])
+        return
+    height, width = image.shape[:2]
+    for y in range(0, height - size + 1, size):
+        for x in range(0, width - size + 1, size):
+            yield Patch(y, x, image[y:y + size, x:x + size],
+                        [t.mask[y:y + size, x:x + size] for t in item.targets])
+
+
+def _resize(array: np.ndarray, size: int, method: Image.Resampling) -> np.ndarray:
+    if array.shape[:2] == (size, size):
+        return array
+    if array.ndim == 3 and array.shape[2] == 1:
+        return _resize(array[..., 0], size, method)[..., None]
+    return np.asarray(Image.fromarray(array).resize((size, size), method))
+
+
+def scan(name: str, raw: RawDataset, *, patch_size: int, fit: str, drop_empty: bool,
+         where: str, sink: Sink | None = None,
+         say: Callable[[str], None] = lambda line: None) -> ScanCounts:
+    """Read every entry, cut and filter its items, and feed kept patches to ``sink``.
+
+    Raises :class:`DataProblems` with every problem found — including a split left without
+    samples — after reading everything, headed "N problems {where}".
+    """
+    if fit not in FITS:
+        raise ConfigError(f"dataset.fit must be one of {', '.join(FITS)}, got {fit!r}.")
+    problems = list(raw.problems)
+    counts = ScanCounts()
+    for split in RAW_SPLITS:
+        entries = raw.entries.get(split, ())
+        say(f"reading the {split} split of {name} from {raw.root} ({len(entries)} "
+            f"{'entry' if len(entries) == 1 else 'entries'})")
+        failed = 0
+        for done, entry in enumerate(entries):
+            if done and done % 500 == 0:  # real datasets take minutes; show it is moving
+                say(f"  {split}: {done} of {len(entries)} read")
+            try:
+                items = raw.read(entry)
+            except DataProblems as err:
+                problems += err.problems
+                failed += 1
+                continue
+            except DataError as err:
+                problems.append(str(err))
+                failed += 1
+                continue
+            for item in items:
+                counts.items[split] += 1
+                tiles = 0
+                for patch in cut(item, patch_size, fit):
+                    tiles += 1
+                    kept = [(target, mask) for target, mask in zip(item.targets, patch.masks)
+                            if not drop_empty or mask.any()]
+                    counts.dropped_empty[split] += len(item.targets) - len(kept)
+                    counts.samples[split] += len(kept)
+                    counts.classes.update(target.name for target, _ in kept)
+                    if kept and sink is not None and not problems:
+                        sink(split, item, patch, kept)
+                counts.too_small[split] += int(tiles == 0)
+        say(f"{split}: {counts.items[split]} images, {counts.samples[split]} samples kept, "
+            f"{counts.dropped_empty[split]} dropped as empty"
+            + (f", {failed} with problems" if failed else ""))
+        # An empty split is worth its own problem unless the builder or the reads already
+        # said why (a missing folder, unreadable files).
+        if counts.samples[split] == 0 and not failed and (entries or not raw.problems):
+            problems.append(_empty_problem(raw, split, counts, patch_size, fit, drop_empty))
+    if problems:
+        count = len(problems)
+        raise DataProblems(problems, f"{count} problem{'' if count == 1 else 's'} {where}")
+    return counts
+
+
+def _empty_problem(raw: RawDataset, split: str, counts: ScanCounts, size: int, fit: str,
+                   drop_empty: bool) -> str:
+    """Why a split ended up without samples, and what to change."""
+    if not raw.entries.get(split):
+        return f"{raw.root}: no {split} images found; see docs/datasets.md for the layout."
+    reasons = [f"{counts.items[split]} images read"]
+    if counts.too_small[split]:
+        reasons.append(f"{counts.too_small[split]} smaller than the {size}x{size} tiles "
+                       f"(set dataset.fit=resize or a smaller dataset.patch_size)")
+    if counts.dropped_empty[split]:
+        reasons.append(f"{counts.dropped_empty[split]} patches dropped because their mask is "
+                       f"empty (dataset.drop_empty={str(drop_empty).lower()})")
+    return (f"{raw.root}: the {split} split is empty after cutting into {size}x{size} "
+            f"patches ({fit}) and filtering: {'; '.join(reasons)}; expected at least one sample.")
+
+
+def check_dataset(name: str, root: Path, *, patch_size: int = 256, drop_empty: bool = True,
+                  fit: str | None = None, options: Mapping[str, Any] | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Validate every raw file of a dataset without writing anything (``segtune data check``).
+
+    Returns counts per raw split (items, samples, dropped as empty) and per class; raises
+    :class:`DataProblems` listing every problem, each naming its file.
+    """
+    raw = resolve(name, Path(root), options)
+    counts = scan(name, raw, patch_size=patch_size, fit=fit or raw.fit, drop_empty=drop_empty,
+                  where=f"in the {name} data at {raw.root}",
+                  say=progress or (lambda line: None))
+    return {"dataset": name, "root": str(raw.root), "fit": fit or raw.fit,
+            "patch_size": patch_size, **counts.summary()}

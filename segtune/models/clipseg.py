@@ -1,0 +1,120 @@
+"""CLIPSeg (transformers) behind segtune's model interface: images + text in, mask logits out.
+
+`model.checkpoint` is a Hugging Face id (`CIDAS/clipseg-rd64-refined`) or a local directory
+written by `save_pretrained`; variant `rd64-refined` defaults to that id. `tiny` is a small
+`CLIPSegConfig` with the tokenizer vocabulary shipped in `assets/tiny_clip_tokenizer`.
+Policies: `decoder` (CLIP frozen, as the CLIPSeg paper trains it) and `full`.
+
+The vision activations are computed here, not by `CLIPSegForImageSegmentation.forward`: since
+transformers 5 that forward runs CLIP under `torch.no_grad()`, which would make `full` train
+only the decoder, and computing them apart is what lets `encode()` be cached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segtune.config import ModelConfig
+from segtune.errors import CheckpointError, ConfigError
+from segtune.models.base import Segmenter
+from segtune.prompts import PromptBatch
+
+TINY_TOKENIZER = Path(__file__).with_name("assets") / "tiny_clip_tokenizer"
+HF_IDS = {"rd64-refined": "CIDAS/clipseg-rd64-refined", "rd64": "CIDAS/clipseg-rd64", "rd16": "CIDAS/clipseg-rd16"}
+# CLIPSeg's processor (ViTImageProcessor): ImageNet mean/std on [0,1] pixels.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def tiny_config():
+    """A CLIPSeg small enough to train on a CPU in seconds; its vocabulary is the shipped tokenizer's."""
+    from transformers import CLIPSegConfig
+
+    text = dict(vocab_size=522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=520, eos_token_id=521, pad_token_id=521)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=128, patch_size=16)
+    return CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=32, extract_layers=[1, 2],
+                         reduce_dim=16, decoder_num_attention_heads=2, decoder_intermediate_size=64,
+                         conditional_layer=0, use_complex_transposed_convolution=False)
+
+
+def _features(out) -> torch.Tensor:
+    # transformers 4 returns a tensor from get_text_features, 5 an output object.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class ClipSegSegmenter(Segmenter):
+    policies = ("decoder", "full")
+
+    def __init__(self, model: nn.Module, tokenizer, image_size: int):
+        super().__init__()
+        self.model, self.tokenizer, self.image_size = model, tokenizer, image_size
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self.max_len = min(getattr(tokenizer, "model_max_length", 77), model.config.text_config.max_position_embeddings)
+
+    def parameter_groups(self, policy: str) -> list[nn.Parameter]:
+        if policy == "decoder":
+            return list(self.model.decoder.parameters())
+        if policy == "full":
+            return list(self.model.parameters())
+        raise ConfigError(f"model.train: CLIPSeg has no policy {policy!r}; expected one of {', '.join(self.policies)}")
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLIP vision activations the decoder reads, stacked: `(L,B,tokens,C)`."""
+        out = self.model.clip.vision_model(pixel_values=self.preprocess(images), output_hidden_states=True)
+        return torch.stack([out.hidden_states[i + 1] for i in self.model.extract_layers])
+
+    def text_embeddings(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding="max_length", max_length=self.max_len, truncation=True, return_tensors="pt")
+        out = self.model.clip.get_text_features(input_ids=enc["input_ids"].to(device),
+                                                attention_mask=enc["attention_mask"].to(device))
+        return _features(out)
+
+    def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, size: tuple[int, int]) -> torch.Tensor:
+        if not prompts.texts:
+            raise ConfigError("prompt: CLIPSeg needs text prompts; set prompt.train/eval to `text` "
+                              "and prompt.text (or use a dataset whose samples carry text)")
+        b = embeddings.shape[1]
+        cond = self.text_embeddings(list(prompts.texts), embeddings.device)
+        logits = self.model.decoder(list(embeddings), cond).logits
+        # The decoder squeezes its channel (and, in transformers 4, a batch of one): restore (B,1,h,w).
+        logits = logits.reshape(b, 1, *logits.shape[-2:])
+        return F.interpolate(logits, size, mode="bilinear", align_corners=False)
+
+
+def _tokenizer(source: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def build_clipseg(cfg: ModelConfig) -> ClipSegSegmenter:
+    """CLIPSeg from a Hugging Face id or local directory, or the `tiny` preset (random init)."""
+    from transformers import CLIPSegForImageSegmentation
+
+    if cfg.variant == "tiny" and cfg.checkpoint is None:
+        model = CLIPSegForImageSegmentation(tiny_config())
+        return ClipSegSegmenter(model, _tokenizer(TINY_TOKENIZER), model.config.vision_config.image_size)
+    if cfg.variant != "tiny" and cfg.variant not in HF_IDS:
+        raise ConfigError(f"model.variant: CLIPSeg has variants {', '.join(HF_IDS)} and tiny, not {cfg.variant!r}")
+    source = cfg.checkpoint or HF_IDS[cfg.variant]
+    try:
+        model = CLIPSegForImageSegmentation.from_pretrained(source)
+        tokenizer = _tokenizer(source)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"model.checkpoint: cannot load CLIPSeg from {source!r} ({str(err).splitlines()[0][:300]}). "
+                              "Expected a Hugging Face id such as CIDAS/clipseg-rd64-refined (with network access "
+                              "or a filled HF cache) or a directory written by save_pretrained.") from None
+    return ClipSegSegmenter(model, tokenizer, model.config.vision_config.image_size)
