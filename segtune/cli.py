@@ -48,19 +48,44 @@ def _load(file: Path, overrides: Optional[List[str]], uri: Optional[str]):
 
 
 @app.command()
-def sweep(file: Path = typer.Argument(..., help="Experiment YAML file."),
+def sweep(file: Path = typer.Argument(..., help="Experiment YAML file; with --resume, also a sweep folder."),
           tracking_uri: Optional[str] = UriOpt,
           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray://host:10001 or auto); "
                                                 "default RAY_ADDRESS, else a local Ray."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished sweep of FILE, or the "
+                                      "sweep whose folder (under search.storage_path) FILE is."),
           set_: Optional[List[str]] = SetOpt) -> None:
     """Run a hyperparameter sweep (Ray Tune + Optuna TPE + ASHA), each trial an MLflow child run."""
-    from segtune.launch import sweep as run
+    from segtune.launch import load_resume_dir, sweep as run
     from segtune.report import print_runs
 
-    cfg = _load(file, set_, tracking_uri)
-    outcome = run(cfg, address=address, log=say)
+    target: bool | str = resume
+    if resume and file.is_dir():
+        cfg, target = load_resume_dir(file, list(set_ or []) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else []))
+    else:
+        cfg = _load(file, set_, tracking_uri)
+    outcome = run(cfg, address=address, resume=target, log=say)
     print_runs(cfg.tracking.uri, cfg.tracking.experiment, outcome.sweep_id)
+    if outcome.interrupted:
+        raise typer.Exit(130)
     say(f"Promote the best trial: segtune promote {cfg.tracking.experiment} --tracking-uri {cfg.tracking.uri}")
+
+
+@app.command()
+def sync(tracking_uri: str = typer.Option("http://127.0.0.1:5000", "--tracking-uri", help="MLflow tracking URI."),
+         spool: Path = typer.Option(Path(".segtune/spool"), "--spool", help="The spool folder (tracking.spool_dir).")) -> None:
+    """Send what trials kept on disk while the tracking server was unreachable."""
+    from tracking.server import check_server
+    from tracking.spool import deliver_all
+
+    check_server(tracking_uri)
+    report = deliver_all(tracking_uri, spool)
+    if not report:
+        say(f"nothing to send in {spool}")
+    for run_id, result in report.items():
+        say(f"{run_id}: " + (f"{result} entries sent" if isinstance(result, int) else f"not sent ({result})"))
+    if any(isinstance(r, str) for r in report.values()):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -127,6 +127,8 @@ class ResourcesConfig(_Section):
 class TrackingConfig(_Section):
     uri: str = "http://127.0.0.1:5000"
     experiment: str = "segtune"
+    # Where trials keep what they could not send while the server was down (`segtune sync`).
+    spool_dir: str = ".segtune/spool"
 
 
 class ExperimentConfig(_Section):

@@ -26,3 +26,7 @@ class TrackingError(SegtuneError):
 
 class CheckpointError(SegtuneError):
     """A checkpoint is missing, unreadable or does not match its recorded hash."""
+
+
+class ClusterError(SegtuneError):
+    """The Ray cluster cannot be reached, or cannot run the sweep's trials as configured."""

@@ -5,6 +5,8 @@ The CLI parses arguments and prints; these functions do the work and are what te
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,41 +48,135 @@ class SweepOutcome:
     sweep_id: str
     parent_run_id: str
     closed: dict[str, str]
+    interrupted: bool = False
+    unsent: dict[str, object] | None = None  # runs whose spooled data the server has not taken yet
 
 
-def sweep(cfg: ExperimentConfig, *, address: str | None = None, log: Log = print) -> SweepOutcome:
-    """Run a whole sweep: check the server, prepare data, open the parent run, tune, close runs."""
+def space_hash(cfg: ExperimentConfig) -> str:
+    """A fingerprint of the search space and sample count: a resumed sweep must keep both."""
+    space = {k: v.model_dump(exclude_none=True) for k, v in sorted(cfg.search.space.items())}
+    blob = json.dumps({"space": space, "num_samples": cfg.search.num_samples}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+SWEEP_FILE = "segtune_sweep.json"
+
+
+def _resume_target(cfg: ExperimentConfig, resume: bool | str) -> tuple[str, str] | None:
+    """(sweep id, parent run id) of the sweep to resume, checked against the config."""
+    from segtune.errors import ConfigError
+    from tracking.runs import find_sweep
+
+    if not resume:
+        return None
+    sweep_id = None if resume is True else str(resume)
+    parent = find_sweep(cfg.tracking.uri, cfg.tracking.experiment, cfg.name, sweep_id)
+    if parent is None:
+        what = f"sweep {sweep_id}" if sweep_id else f"an unfinished sweep of {cfg.name!r}"
+        raise ConfigError(f"--resume: found no {what} in experiment {cfg.tracking.experiment!r} at "
+                          f"{cfg.tracking.uri}; start a new sweep without --resume.")
+    if parent.data.tags.get("segtune.space_hash") != space_hash(cfg):
+        raise ConfigError(f"--resume: the search space or num_samples of {cfg.name!r} changed since sweep "
+                          f"{parent.data.tags['segtune.sweep_id']} started; the searcher's history would not "
+                          "match. Restore the original search: section, or start a new sweep.")
+    return parent.data.tags["segtune.sweep_id"], parent.info.run_id
+
+
+def load_resume_dir(path: Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, str]:
+    """`segtune sweep --resume PATH`: the config and sweep id recorded in a Tune experiment folder."""
+    from segtune.config import set_path, parse_override, validate
+    from segtune.errors import ConfigError
+
+    f = Path(path) / SWEEP_FILE
+    if not f.is_file():
+        raise ConfigError(f"--resume {path}: no {SWEEP_FILE} there; expected the folder of a segtune sweep "
+                          "under search.storage_path (e.g. .segtune/ray_results/demo-1a2b3c4d).")
+    record = json.loads(f.read_text())
+    raw = record["config"]
+    for text in overrides or []:
+        set_path(raw, *parse_override(text))
+    return validate(raw, str(f)), record["sweep_id"]
+
+
+def _record(cfg: ExperimentConfig, sweep_id: str) -> None:
+    """Write the sweep's config beside Tune's state, so `--resume PATH` needs nothing else."""
+    import pyarrow.fs
+
+    from segtune.sweep import experiment_dir
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(experiment_dir(cfg, sweep_id))
+    fs.create_dir(root)
+    with fs.open_output_stream(f"{root}/{SWEEP_FILE}") as out:
+        out.write(json.dumps({"sweep_id": sweep_id, "config": cfg.model_dump()}, indent=1).encode())
+
+
+def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | str = False,
+          log: Log = print) -> SweepOutcome:
+    """Run a whole sweep: check the server, prepare data, open the parent run, tune, close runs.
+
+    `resume=True` continues the latest unfinished sweep of this experiment file (a sweep id
+    continues that one): finished trials stay done, unfinished ones continue from their last
+    checkpoint, each trial keeps its MLflow run.
+    """
+    from segtune.cluster import preflight
     from segtune.sweep import SweepContext, run_sweep
-    from tracking.runs import close_open_trials, end_sweep_run, quiet_mlflow, start_sweep_run
+    from tracking.runs import close_open_trials, end_sweep_run, quiet_mlflow, reopen_run, start_sweep_run
     from tracking.server import check_server
+    from tracking.spool import deliver_all
 
     quiet_mlflow()
     check_names(cfg)
     check_server(cfg.tracking.uri)
+    preflight(cfg, address)  # resources and shared storage, before data or runs are touched
+    target = _resume_target(cfg, resume)
     store, data_hash = prepare_data(cfg, log)
-    sweep_id = uuid.uuid4().hex[:8]
     sha = git_sha()
-    params = {**flatten(cfg), **{f"search.space.{k}": v.model_dump(exclude_none=True)
-                                 for k, v in cfg.search.space.items()},
-              "search.num_samples": cfg.search.num_samples, "search.scheduler": cfg.search.scheduler}
-    parent = start_sweep_run(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, params,
-                             tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
-                                   "segtune.git_sha": sha, "segtune.data_hash": data_hash})
-    log(f"sweep {sweep_id}: {cfg.search.num_samples} trials of {cfg.model.key} on {cfg.dataset.name}, "
-        f"{cfg.search.max_concurrent} at a time; parent run {parent}")
-    ctx = SweepContext(store=str(store), data_hash=data_hash, sweep_id=sweep_id, parent_run_id=parent, git_sha=sha)
+    if target is None:
+        sweep_id = uuid.uuid4().hex[:8]
+        _record(cfg, sweep_id)
+        params = {**flatten(cfg), **{f"search.space.{k}": v.model_dump(exclude_none=True)
+                                     for k, v in cfg.search.space.items()},
+                  "search.num_samples": cfg.search.num_samples, "search.scheduler": cfg.search.scheduler}
+        parent = start_sweep_run(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, params,
+                                 tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
+                                       "segtune.git_sha": sha, "segtune.data_hash": data_hash,
+                                       "segtune.name": cfg.name, "segtune.space_hash": space_hash(cfg)})
+        log(f"sweep {sweep_id}: {cfg.search.num_samples} trials of {cfg.model.key} on {cfg.dataset.name}, "
+            f"{cfg.search.max_concurrent} at a time; parent run {parent}")
+    else:
+        sweep_id, parent = target
+        reopen_run(cfg.tracking.uri, parent)
+        log(f"resuming sweep {sweep_id} (parent run {parent})")
+    spool = str(Path(cfg.tracking.spool_dir).resolve())
+    ctx = SweepContext(store=str(store), data_hash=data_hash, sweep_id=sweep_id, parent_run_id=parent,
+                       git_sha=sha, spool_dir=spool)
+    statuses: dict[str, str] | None = None
     status = "FAILED"
     try:
-        finished = run_sweep(cfg, ctx, address=address, log=log)
-        status = "FINISHED"
+        statuses = run_sweep(cfg, ctx, address=address, log=log)
+        interrupted = any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
+        status = "KILLED" if interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        closed = close_open_trials(cfg.tracking.uri, cfg.tracking.experiment, sweep_id,
-                                   finished if status == "FINISHED" else set())
+        # Deliver what trials spooled while the server was away, before judging open runs.
+        unsent = {k: v for k, v in deliver_all(cfg.tracking.uri, Path(spool)).items() if isinstance(v, str)}
+        closed = close_open_trials(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, statuses)
         end_sweep_run(cfg.tracking.uri, parent, best_summary(cfg, sweep_id), status)
-    return SweepOutcome(sweep_id, parent, closed)
+        if status == "KILLED":
+            log(f"sweep {sweep_id} interrupted; its state is saved. Continue it with: "
+                f"segtune sweep FILE --resume   (or --resume {experiment_dir_of(cfg, sweep_id)})")
+        if unsent:
+            log(f"{len(unsent)} runs still hold data the tracking server did not take; deliver it later "
+                f"with: segtune sync --tracking-uri {cfg.tracking.uri} --spool {spool}")
+    return SweepOutcome(sweep_id, parent, closed, status == "KILLED", unsent or None)
+
+
+def experiment_dir_of(cfg: ExperimentConfig, sweep_id: str) -> str:
+    from segtune.sweep import experiment_dir
+
+    return experiment_dir(cfg, sweep_id)
 
 
 def best_summary(cfg: ExperimentConfig, sweep_id: str) -> dict[str, object]:

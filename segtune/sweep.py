@@ -8,13 +8,15 @@ one run per trial. After `fit()` the driver closes whatever a stopped trial coul
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ray import tune
+
 from segtune.config import ExperimentConfig, SearchDim, apply_params, flatten, validate
+from segtune.cluster import connect, storage_uri
 
 
 @dataclass
@@ -26,6 +28,18 @@ class SweepContext:
     sweep_id: str
     parent_run_id: str | None
     git_sha: str
+    spool_dir: str
+
+
+def experiment_dir(cfg: ExperimentConfig, sweep_id: str) -> str:
+    """The Tune experiment folder of a sweep, under `search.storage_path` (a path or a URI)."""
+    return f"{storage_uri(cfg.search.storage_path)}/{cfg.name}-{sweep_id}"
+
+
+# A trial retries a request to a server that is down a couple of times, then spools and goes
+# on training; MLflow's own default would block a trial for minutes.
+_TRIAL_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def tune_space(space: dict[str, SearchDim]) -> dict[str, Any]:
@@ -55,8 +69,10 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
     from ray import tune
 
     from segtune.train import TrialContext, run_trial
-    from tracking.runs import PRUNED, TrialRun
+    from tracking.runs import TrialRun
 
+    for key, value in _TRIAL_CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
     cfg = apply_params(validate(base, "sweep config"), params)
     tctx = tune.get_context()
     trial_id, workdir = tctx.get_trial_id(), Path(tctx.get_trial_dir())
@@ -73,6 +89,7 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
         tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
               "segtune.git_sha": sweep.git_sha, "segtune.data_hash": sweep.data_hash,
               "segtune.node": ray.get_runtime_context().get_node_id()},
+        spool_dir=Path(sweep.spool_dir),
     )
     restored = tune.get_checkpoint()
     resume_from = Path(restored.to_directory(str(workdir / "restored"))) if restored else None
@@ -85,11 +102,8 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
     try:
         run_trial(cfg, ctx)
     except SystemExit:
-        # Tune stops a trial by raising SystemExit inside its report() call: ASHA pruned it,
-        # unless this was the report after the last epoch (the run is closed already).
-        if not ctx.completed:
-            tracker.set_tags({PRUNED: "true"})
-            tracker.finish("FINISHED")
+        # Tune stops a trial by raising SystemExit inside report(): ASHA pruned it, or the sweep is
+        # being interrupted. Only the driver knows which, so it closes the run (launch.sweep).
         raise
     except BaseException as err:
         tracker.set_tags({"segtune.error": f"{err.__class__.__name__}: {err}"[:5000]})
@@ -99,38 +113,71 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
         log_file.close()
 
 
-class ProgressPrinter:
+# Final Tune status of every trial, by sweep id, written by TrialProgress at the end. A module
+# global, not an attribute: on resume Tune brings back the callback pickled with the first run.
+FINAL_STATUSES: dict[str, dict[str, str]] = {}
+
+
+class TrialProgress(tune.Callback):
     """A compact progress line per trial event, instead of Tune's wide status table."""
 
-    def __init__(self, total: int, epochs_of: Callable[[dict], int], log: Callable[[str], None]):
-        from ray import tune
+    def __init__(self, sweep_id: str, total: int, default_epochs: int, log: Callable[[str], None]):
+        self.sweep_id, self.total, self.default_epochs, self.log = sweep_id, total, default_epochs, log
+        self._session()
 
-        outer = self
+    def _session(self) -> None:
+        # Trials this driver session started, and how they ended. Tune marks the trials it stops
+        # on Ctrl-C TERMINATED too; these sets tell a finished trial from an interrupted one.
+        self.live: set[str] = set()
+        self.ended: dict[str, str] = {}
 
-        class _Callback(tune.Callback):
-            def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-                done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-                line = (f"  {trial.trial_id}  epoch {result.get('epoch')}/{epochs_of(trial.config)}  "
-                        f"loss {result.get('train/dice_loss', float('nan')):.3f}  "
-                        f"val/dice {result.get('val/dice', float('nan')):.3f}")
-                if "test/iou" in result:
-                    line += f"  test/iou {result['test/iou']:.3f}"
-                outer.log(line + f"   [{done}/{outer.total} trials done]")
+    def setup(self, **info):  # noqa: ANN001 — also runs when a restored sweep starts again
+        self._session()
 
-            def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-                r = trial.last_result or {}
-                how = "completed" if "test/iou" in r else f"stopped by ASHA after epoch {r.get('epoch')}"
-                outer.log(f"  {trial.trial_id}  {how}")
+    def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
+        self.live.add(trial.trial_id)
 
-            def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-                outer.log(f"  {trial.trial_id}  ERROR (see {trial.path or 'the trial folder'}/error.txt)")
+    def on_trial_restore(self, iteration, trials, trial, **info):  # noqa: ANN001
+        self.live.add(trial.trial_id)
 
-        self.total, self.log, self.callback = total, log, _Callback()
+    def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        epochs = trial.config.get("train.epochs", self.default_epochs)
+        line = (f"  {trial.trial_id}  epoch {result.get('epoch')}/{epochs}  "
+                f"loss {result.get('train/dice_loss', float('nan')):.3f}  "
+                f"val/dice {result.get('val/dice', float('nan')):.3f}")
+        if "test/iou" in result:
+            line += f"  test/iou {result['test/iou']:.3f}"
+        self.log(line + f"   [{done}/{self.total} trials done]")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+        self.ended[trial.trial_id] = "TERMINATED"
+        r = trial.last_result or {}
+        how = "completed" if "test/iou" in r else f"stopped by ASHA after epoch {r.get('epoch')}"
+        self.log(f"  {trial.trial_id}  {how}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+        self.ended[trial.trial_id] = "ERROR"
+        self.log(f"  {trial.trial_id}  ERROR (see {trial.path or 'the trial folder'}/error.txt)")
+
+    def on_experiment_end(self, trials, **info):  # noqa: ANN001
+        def status(t) -> str:  # noqa: ANN001
+            if t.trial_id in self.ended:
+                return self.ended[t.trial_id]
+            if t.trial_id in self.live or t.status not in ("TERMINATED", "ERROR"):
+                return "INTERRUPTED"  # started here and never completed, or never started
+            return t.status  # ended in an earlier session of a resumed sweep
+
+        FINAL_STATUSES[self.sweep_id] = {t.trial_id: status(t) for t in trials}
 
 
 def run_sweep(cfg: ExperimentConfig, sweep: SweepContext, *, address: str | None = None,
-              log: Callable[[str], None] = print) -> set[str]:
-    """Run the Tuner to the end; return the ids of trials that ended without error."""
+              log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run (or resume) the Tuner until it ends or is interrupted; returns trial id -> Tune status.
+
+    `TERMINATED` trials ended normally, `ERROR` ones failed; any other status means the sweep
+    was interrupted (Ctrl-C) with that trial unfinished, and `--resume` continues it.
+    """
     import optuna
     import ray
     from ray import tune
@@ -142,11 +189,8 @@ def run_sweep(cfg: ExperimentConfig, sweep: SweepContext, *, address: str | None
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Short trials checkpoint every few seconds; Tune's warning about it is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=True)
+    # Local Ray, RAY_ADDRESS or `address`; re-reads the auth token (segtune.cluster.connect).
+    started_ray = connect(address)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         searcher = None
@@ -161,24 +205,29 @@ def run_sweep(cfg: ExperimentConfig, sweep: SweepContext, *, address: str | None
             tune.with_parameters(_trial, base=cfg.model_dump(), sweep=sweep),
             {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
         )
-        epochs_of = lambda params: int(params.get("train.epochs", cfg.train.epochs))  # noqa: E731
-        printer = ProgressPrinter(s.num_samples, epochs_of, log)
+        progress = TrialProgress(sweep.sweep_id, s.num_samples, cfg.train.epochs, log)
+        path = experiment_dir(cfg, sweep.sweep_id)
+        if tune.Tuner.can_restore(path):
+            log(f"resuming the Tune experiment in {path}")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True)
+            tuner.fit()
+            return FINAL_STATUSES.pop(sweep.sweep_id)
         tuner = tune.Tuner(
             trainable,
             param_space=tune_space(s.space),
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                         num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent),
             run_config=tune.RunConfig(
-                name=f"{cfg.name}-{sweep.sweep_id}", storage_path=str(Path(s.storage_path).resolve()),
+                name=f"{cfg.name}-{sweep.sweep_id}", storage_path=storage_uri(s.storage_path),
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints,
                                                         checkpoint_score_attribute=s.metric,
                                                         checkpoint_score_order=s.mode),
-                callbacks=[printer.callback], verbose=0,
+                callbacks=[progress], verbose=0,
             ),
         )
-        grid = tuner.fit()
-        return {r.metrics.get("trial_id") for r in grid if r.error is None and r.metrics}
+        tuner.fit()
+        return FINAL_STATUSES.pop(sweep.sweep_id)
     finally:
         if started_ray:
             ray.shutdown()

@@ -52,8 +52,6 @@ class TrialContext:
     # A checkpoint to continue from (Tune's restored checkpoint after a failure).
     resume_from: Path | None = None
     log: Callable[[str], None] = print
-    # Set once the test split is scored and the run closed: a stop after that is not a prune.
-    completed: bool = False
 
 
 class PromptCollate:
@@ -179,10 +177,12 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
         load_weights(ctx.resume_from, model)
         load_optimizer(ctx.resume_from, optimizer)
         start_epoch, best = state["epoch"], state["best"]
-        if not best_dir.is_dir() or read_state(best_dir).get("epoch") != best["epoch"]:
-            # The best epoch's files did not survive with this worker; the restored one stands in.
-            shutil.copytree(ctx.resume_from, best_dir, dirs_exist_ok=True)
-        ctx.log(f"resuming after epoch {start_epoch}")
+        # The best epoch's weights travel inside the reported checkpoint (see below).
+        shutil.rmtree(best_dir, ignore_errors=True)
+        carried = ctx.resume_from / "best"
+        shutil.copytree(carried if carried.is_dir() else ctx.resume_from, best_dir,
+                        ignore=shutil.ignore_patterns("best"))
+        ctx.log(f"resuming after epoch {start_epoch} (best so far: epoch {best['epoch']})")
     model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(model, optimizer, train_dl, val_dl, test_dl)
     raw_model = accelerator.unwrap_model(model)
 
@@ -196,7 +196,11 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
             best = {"dice": val["dice"], "epoch": epoch}
         save_checkpoint(ckpt_dir, raw_model, optimizer, cfg, {"epoch": epoch, "metrics": metrics, "best": best})
         if best["epoch"] == epoch:
-            shutil.copytree(ckpt_dir, best_dir, dirs_exist_ok=True)
+            shutil.rmtree(best_dir, ignore_errors=True)
+            shutil.copytree(ckpt_dir, best_dir)
+        else:
+            # A trial restored elsewhere (a retry, a resumed sweep) must still test its best epoch.
+            shutil.copytree(best_dir, ckpt_dir / "best")
         ctx.log(f"epoch {epoch}/{cfg.train.epochs}: train/dice_loss={loss:.4f} "
                 f"val/dice={val['dice']:.4f} val/iou={val['iou']:.4f}")
         if ctx.tracker is not None:
@@ -224,5 +228,4 @@ def _finish(cfg: ExperimentConfig, ctx: TrialContext, model: Segmenter, best: di
         ctx.tracker.flush()
         ctx.tracker.log_checkpoint(best_dir)
         ctx.tracker.finish("FINISHED")
-    ctx.completed = True
     return out

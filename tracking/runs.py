@@ -12,18 +12,24 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import requests
+from mlflow.exceptions import MlflowException
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from tracking.artifacts import write_manifest
+from tracking.spool import append, deliver, logged_steps
 
 SWEEP_ID = "segtune.sweep_id"
 TRIAL_ID = "segtune.trial_id"
 KIND = "segtune.kind"
 PRUNED = "segtune.pruned"
+# What a request to a server that is down or restarting raises (MLflow wraps connection errors).
+UNREACHABLE = (MlflowException, requests.exceptions.RequestException, OSError)
 # MLflow's limits per log_batch request.
 _MAX_PARAMS, _MAX_METRICS = 100, 1000
 
@@ -70,15 +76,24 @@ def find_trial_run(client: MlflowClient, experiment_id_: str, sweep_id: str, tri
 
 
 class TrialRun:
-    """A trial's child run: buffered metrics, checkpoint artifacts, a final status."""
+    """A trial's child run: buffered metrics, checkpoint artifacts, a final status.
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+    With a `spool_dir`, nothing is lost while the server is unreachable: what could not be sent
+    is kept there (tracking.spool) and sent first at the next flush that gets through. Metric
+    points the run already holds (same key and step, e.g. an epoch redone after a restore) are
+    not sent again.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, spool_dir: Path | None = None,
+                 logged: set[tuple[str, int]] | None = None):
+        self.client, self.run_id, self.spool_dir = client, run_id, spool_dir
         self._pending: list[Metric] = []
+        self._logged: set[tuple[str, int]] = logged or set()
+        self.offline = False  # true while something waits in the spool
 
     @classmethod
     def open(cls, uri: str, experiment: str, *, sweep_id: str, trial_id: str, parent_run_id: str | None,
-             params: dict[str, Any], tags: dict[str, str]) -> "TrialRun":
+             params: dict[str, Any], tags: dict[str, str], spool_dir: Path | None = None) -> "TrialRun":
         """Open the trial's run, or reattach to the one it already has (a retry or resume)."""
         client = MlflowClient(uri)
         exp_id = experiment_id(client, experiment)
@@ -89,38 +104,72 @@ class TrialRun:
         if run_id is None:
             run_id = client.create_run(exp_id, tags=all_tags).info.run_id
             log_params(client, run_id, params)
-        else:
-            client.update_run(run_id, status="RUNNING")
-        return cls(client, run_id)
+            return cls(client, run_id, spool_dir)
+        if spool_dir is not None:
+            deliver(client, spool_dir, run_id)  # what an earlier attempt could not send
+        client.update_run(run_id, status="RUNNING")
+        logged = logged_steps(client, run_id, set(client.get_run(run_id).data.metrics))
+        return cls(client, run_id, spool_dir, logged)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if (k, step) not in self._logged]
+
+    def _send(self, entry: dict[str, Any], send: Callable[[], None]) -> None:
+        """Send now (after anything spooled before), or spool when the server does not answer."""
+        try:
+            if self.offline and self.spool_dir is not None:
+                deliver(self.client, self.spool_dir, self.run_id)
+                self.offline = False
+            if not self.offline:
+                send()
+                return
+        except UNREACHABLE:
+            if self.spool_dir is None:
+                raise
+            self.offline = True
+        append(self.spool_dir, self.run_id, entry)
 
     def flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:_MAX_METRICS], self._pending[_MAX_METRICS:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self._logged |= {(m.key, m.step) for m in batch}
+
+        def send() -> None:
+            for i in range(0, len(batch), _MAX_METRICS):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + _MAX_METRICS])
+
+        entry = {"type": "metrics", "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp,
+                                                 "step": m.step} for m in batch]}
+        self._send(entry, send)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        tags = {k: str(v) for k, v in tags.items()}
+        self._send({"type": "tags", "tags": tags},
+                   lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
     def log_checkpoint(self, path: Path, artifact_path: str = "checkpoints/best") -> None:
         """Upload a checkpoint directory with a sha256 manifest of its files."""
         write_manifest(Path(path))
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        self._send({"type": "artifacts", "local_dir": str(path), "artifact_path": artifact_path},
+                   lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, status)
+        self._send({"type": "terminate", "status": status}, lambda: self.client.set_terminated(self.run_id, status))
 
 
-def close_open_trials(uri: str, experiment: str, sweep_id: str, finished_ok: set[str]) -> dict[str, str]:
+def close_open_trials(uri: str, experiment: str, sweep_id: str, statuses: dict[str, str] | None) -> dict[str, str]:
     """After a sweep: end every trial run still RUNNING, so none is left open.
 
-    A trial the scheduler stopped early never reaches its last epoch; it ends FINISHED with
-    `segtune.pruned=true`. A trial whose id is not in `finished_ok` ended in error: FAILED.
-    Returns run id -> the status it was given.
+    `statuses` is Tune's final status per trial id. A TERMINATED trial whose run is still open
+    was stopped early by the scheduler: FINISHED with `segtune.pruned=true`. ERROR: FAILED. Any
+    other status (the sweep was interrupted): KILLED, and `--resume` reopens it. A run whose trial
+    Tune no longer knows (its driver was killed before Tune saved that trial) is deleted (MLflow
+    keeps deleted runs restorable): the resumed sweep runs that trial again under a new id.
+    With `statuses=None` (the driver itself is going down) every open run becomes KILLED.
+    Returns run id -> what was done.
     """
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -128,16 +177,43 @@ def close_open_trials(uri: str, experiment: str, sweep_id: str, finished_ok: set
         return {}
     closed = {}
     for run in client.search_runs([exp.experiment_id], filter_string=(
-            f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{KIND}` = 'trial' and attributes.status = 'RUNNING'")):
-        trial_id = run.data.tags.get(TRIAL_ID, "")
-        if trial_id in finished_ok:
-            client.set_tag(run.info.run_id, PRUNED, "true")
+            f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{KIND}` = 'trial'"), max_results=5000):
+        trial_id, rid = run.data.tags.get(TRIAL_ID, ""), run.info.run_id
+        if statuses is not None and trial_id not in statuses:
+            client.delete_run(rid)
+            closed[rid] = "deleted"
+            continue
+        if run.info.status != "RUNNING":
+            continue
+        tune_status = None if statuses is None else statuses[trial_id]
+        if tune_status == "TERMINATED":
+            client.set_tag(rid, PRUNED, "true")
             status = "FINISHED"
         else:
-            status = "FAILED"
-        client.set_terminated(run.info.run_id, status)
-        closed[run.info.run_id] = status
+            status = "FAILED" if tune_status == "ERROR" else "KILLED"
+        client.set_terminated(rid, status)
+        closed[rid] = status
     return closed
+
+
+def find_sweep(uri: str, experiment: str, name: str, sweep_id: str | None = None) -> Any | None:
+    """The parent run of sweep `sweep_id`, or of the latest unfinished sweep of experiment file `name`."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = f"tags.`{KIND}` = 'sweep' and tags.`segtune.name` = '{name}'"
+    if sweep_id is not None:
+        query += f" and tags.`{SWEEP_ID}` = '{sweep_id}'"
+    else:
+        query += " and attributes.status != 'FINISHED'"
+    runs = client.search_runs([exp.experiment_id], filter_string=query,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    MlflowClient(uri).update_run(run_id, status="RUNNING")
 
 
 def trial_runs(uri: str, experiment: str, sweep_id: str | None = None) -> list[Any]:
@@ -160,7 +236,7 @@ def trial_runs(uri: str, experiment: str, sweep_id: str | None = None) -> list[A
 def end_sweep_run(uri: str, run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
     """Record the best trial on the parent run and close it."""
     client = MlflowClient(uri)
-    tags = [RunTag(f"segtune.best.{k}", str(v)) for k, v in summary.items()]
+    tags = [RunTag(f"segtune.best.{k}", str(v)) for k, v in summary.items() if v is not None]
     if tags:
         client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, status)
