@@ -160,6 +160,7 @@ def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | s
         status = "KILLED"
         raise
     finally:
+        _await_server(cfg.tracking.uri, log)
         # Deliver what trials spooled while the server was away, before judging open runs.
         unsent = {k: v for k, v in deliver_all(cfg.tracking.uri, Path(spool)).items() if isinstance(v, str)}
         closed = close_open_trials(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, statuses)
@@ -171,6 +172,24 @@ def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | s
             log(f"{len(unsent)} runs still hold data the tracking server did not take; deliver it later "
                 f"with: segtune sync --tracking-uri {cfg.tracking.uri} --spool {spool}")
     return SweepOutcome(sweep_id, parent, closed, status == "KILLED", unsent or None)
+
+
+def _await_server(uri: str, log: Log, patience: float = 120.0) -> None:
+    """At the end of a sweep the runs must be closed: give a restarting server some time."""
+    from tracking.errors import TrackingError
+    from tracking.server import check_server, wait_healthy
+
+    try:
+        check_server(uri)
+    except TrackingError:
+        log(f"the tracking server at {uri} does not answer; waiting up to {patience:.0f} s to deliver the "
+            "trials' spooled data and close their runs")
+        try:
+            wait_healthy(uri, timeout=patience)
+        except TrackingError as err:
+            raise TrackingError(f"{err} The sweep's training is done and its Tune state saved, but its MLflow "
+                                "runs are still open and spooled data is undelivered: once the server is back, "
+                                "run `segtune sync`, then `segtune sweep FILE --resume` to close the runs.") from None
 
 
 def experiment_dir_of(cfg: ExperimentConfig, sweep_id: str) -> str:

@@ -41,7 +41,7 @@ def print_runs(uri: str, experiment: str, sweep_id: str | None = None, champion_
 
 def print_pairs(results: list, console: Console | None = None) -> None:
     """Compare the demo's model/dataset pairs: best validation, champion test IoU, untrained baseline."""
-    console = console or Console(width=max(Console().width, 110))
+    console = console or Console(width=max(Console().width, 150))
     table = Table(title="model / dataset pairs", title_justify="left")
     for col in ("pair", "trials", "val/dice_best", "test/iou", "untrained test/iou", "champion"):
         table.add_column(col, justify="left" if col in ("pair", "champion") else "right")
