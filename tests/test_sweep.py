@@ -121,9 +121,12 @@ def test_promote_refuses_unfinished_unscored_and_altered_runs(swept, mlflow_serv
     weights = [p for p in Path(mlflow_server.home).rglob("model.safetensors")
                if run_id in p.as_posix() and "checkpoints/best" in p.as_posix()]
     assert weights, "checkpoint file not found in the server's artifact store"
-    with open(weights[0], "ab") as f:
-        f.write(b"tampered")
-    res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--run", run_id)
+    original = weights[0].read_bytes()
+    weights[0].write_bytes(original + b"tampered")
+    try:
+        res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--run", run_id)
+    finally:
+        weights[0].write_bytes(original)  # the module's other tests promote this run again
     assert res.returncode == 1 and "altered" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -137,3 +140,36 @@ def test_trial_params_apply_to_a_copy(swept) -> None:
     cfg, _ = swept
     changed = apply_params(cfg, {"train.lr": 0.5})
     assert changed.train.lr == 0.5 and cfg.train.lr != 0.5
+
+
+def test_racing_promotions_leave_champion_on_the_best(swept) -> None:
+    import threading
+
+    from segtune.report import SERVING_CODE
+    from tracking.registry import promote
+
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    done = [r for r in client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`segtune.sweep_id` = '{outcome.sweep_id}' and tags.`segtune.kind` = 'trial'"))
+        if "val/dice_best" in r.data.metrics and r.data.tags.get("segtune.pruned") != "true"]
+    assert done
+    errors: list[BaseException] = []
+
+    def go(run_id: str) -> None:
+        try:
+            promote(cfg.tracking.uri, "sweep-test", code_path=SERVING_CODE, run_id=run_id, alias="race",
+                    log=lambda _: None)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=go, args=(r.info.run_id,)) for r in done * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    best = max(done, key=lambda r: r.data.metrics["val/dice_best"])
+    winner = client.get_model_version_by_alias("segtune-sam_tiny-synthetic_em", "race")
+    assert float(winner.tags["segtune.metric_value"]) == pytest.approx(best.data.metrics["val/dice_best"])

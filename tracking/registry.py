@@ -114,8 +114,31 @@ def promote(uri: str, experiment: str, *, code_path: Path, metric: str = "val/di
     version = mlflow.register_model(info.model_uri, name, await_registration_for=120).version
     _wait_ready(client, name, version)
     tags: dict[str, Any] = {"segtune.run_id": rid, "segtune.metric": metric, "segtune.metric_value": value,
-                            "segtune.sha256": sha, "segtune.trial_id": run.data.tags.get("segtune.trial_id", "")}
+                            "segtune.sha256": sha, "segtune.trial_id": run.data.tags.get("segtune.trial_id", ""),
+                            "segtune.sweep_id": run.data.tags.get("segtune.sweep_id", "")}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))
-    client.set_registered_model_alias(name, alias, version)
+    best = point_alias_at_best(client, name, alias, metric, mode, tags["segtune.sweep_id"])
+    if best != str(version):
+        log(f"version {version} is registered; '{alias}' stays on v{best}, which scores better on {metric}")
     return Promotion(name, str(version), alias, rid, metric, value, sha, f"models:/{name}@{alias}")
+
+
+def point_alias_at_best(client: MlflowClient, name: str, alias: str, metric: str, mode: str, sweep_id: str) -> str:
+    """Move `alias` to the sweep's READY version with the best recorded `metric`; return it.
+
+    Every promotion ends by recomputing this over the versions registered from the same sweep
+    (whose validation scores are comparable), so two promotions racing for the alias set the
+    same answer whatever order their requests interleave in. A promotion from another sweep
+    moves the alias to that sweep's best: the newest sweep promoted holds the champion.
+    """
+    scored = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        full = client.get_model_version(name, mv.version)  # search results may omit tags
+        if (full.status == "READY" and full.tags.get("segtune.metric") == metric
+                and full.tags.get("segtune.sweep_id") == sweep_id):
+            scored.append((float(full.tags["segtune.metric_value"]), int(full.version)))
+    # Ties go to the newer version.
+    best = max(scored, key=lambda sv: (sv[0] if mode == "max" else -sv[0], sv[1]))
+    client.set_registered_model_alias(name, alias, str(best[1]))
+    return str(best[1])
