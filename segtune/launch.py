@@ -43,6 +43,26 @@ def check_names(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{field}: unknown value {value!r}; expected one of {', '.join(registry)}.")
 
 
+def check_writable(cfg: ExperimentConfig, *, sweep: bool = True) -> None:
+    """The folders a run writes to, tried before anything starts (a URI storage is checked elsewhere)."""
+    import tempfile
+
+    from segtune.errors import ConfigError
+
+    folders = {"dataset.cache_dir": cfg.dataset.cache_dir, "tracking.spool_dir": cfg.tracking.spool_dir}
+    if sweep and "://" not in cfg.search.storage_path:
+        folders["search.storage_path"] = cfg.search.storage_path
+    for field, folder in folders.items():
+        path = Path(folder).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".segtune-write-test-"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"{field}: cannot write to {path} ({err.strerror or err}); "
+                              "point it at a folder this user can write to.") from None
+
+
 @dataclass
 class SweepOutcome:
     sweep_id: str
@@ -126,6 +146,7 @@ def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | s
 
     quiet_mlflow()
     check_names(cfg)
+    check_writable(cfg)
     check_server(cfg.tracking.uri)
     preflight(cfg, address)  # resources and shared storage, before data or runs are touched
     target = _resume_target(cfg, resume)
@@ -219,6 +240,7 @@ def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: 
     from tracking.server import check_server
 
     check_names(cfg)
+    check_writable(cfg, sweep=False)
     tracker = None
     store, data_hash = prepare_data(cfg, log)
     if track:

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from tracking.artifacts import write_manifest
+from tracking.redact import redact, secret_values
 from tracking.spool import append, deliver, logged_steps
 
 SWEEP_ID = "segtune.sweep_id"
@@ -44,11 +45,25 @@ def quiet_mlflow() -> None:
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment `name`, created if it does not exist."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as err:
+        # Trials starting at once race to create it: the losers read the winner's id.
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def _params(params: dict[str, Any]) -> list[Param]:
-    return [Param(k, str(v)[:6000]) for k, v in params.items()]
+    secrets = secret_values()
+    return [Param(k, redact(str(v), secrets)[:6000]) for k, v in params.items()]
+
+
+def _tags(tags: dict[str, Any]) -> dict[str, str]:
+    secrets = secret_values()
+    return {k: redact(str(v), secrets) for k, v in tags.items()}
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -63,7 +78,7 @@ def start_sweep_run(uri: str, experiment: str, sweep_id: str, params: dict[str, 
     """Open the sweep's parent run and return its id."""
     client = MlflowClient(uri)
     run = client.create_run(experiment_id(client, experiment), run_name=f"sweep-{sweep_id}",
-                            tags={**tags, KIND: "sweep", SWEEP_ID: sweep_id})
+                            tags=_tags({**tags, KIND: "sweep", SWEEP_ID: sweep_id}))
     log_params(client, run.info.run_id, params)
     return run.info.run_id
 
@@ -102,7 +117,7 @@ class TrialRun:
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if run_id is None:
-            run_id = client.create_run(exp_id, tags=all_tags).info.run_id
+            run_id = client.create_run(exp_id, tags=_tags(all_tags)).info.run_id
             log_params(client, run_id, params)
             return cls(client, run_id, spool_dir)
         if spool_dir is not None:
@@ -145,7 +160,7 @@ class TrialRun:
         self._send(entry, send)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        tags = {k: str(v) for k, v in tags.items()}
+        tags = _tags(tags)
         self._send({"type": "tags", "tags": tags},
                    lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
