@@ -30,3 +30,7 @@ class CheckpointError(SegtuneError):
 
 class ClusterError(SegtuneError):
     """The Ray cluster cannot be reached, or cannot run the sweep's trials as configured."""
+
+
+class TrainingError(SegtuneError):
+    """Training cannot go on as configured, e.g. the loss became NaN or infinite."""

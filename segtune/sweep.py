@@ -87,10 +87,11 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
         cfg.tracking.uri, cfg.tracking.experiment, sweep_id=sweep.sweep_id, trial_id=trial_id,
         parent_run_id=sweep.parent_run_id, params=flatten(cfg),
         tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
-              "segtune.git_sha": sweep.git_sha, "segtune.data_hash": sweep.data_hash,
-              "segtune.node": ray.get_runtime_context().get_node_id()},
+              "segtune.git_sha": sweep.git_sha, "segtune.data_hash": sweep.data_hash},
         spool_dir=Path(sweep.spool_dir),
     )
+    # Where this attempt runs (a retried or resumed trial moves): set on every attempt.
+    tracker.set_tags({"segtune.node": ray.get_runtime_context().get_node_id(), "segtune.pid": str(os.getpid())})
     restored = tune.get_checkpoint()
     resume_from = Path(restored.to_directory(str(workdir / "restored"))) if restored else None
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from segtune.checkpoint import load_optimizer, load_weights, read_state, save_checkpoint
 from segtune.config import ExperimentConfig
 from segtune.data import SegDataset, open_store
-from segtune.errors import ConfigError
+from segtune.errors import ConfigError, TrainingError
 from segtune.losses import LOSSES
 from segtune.metrics import dice, iou, masks_from_logits
 from segtune.models import Segmenter, build_model
@@ -135,7 +135,8 @@ def train_epoch(model: Segmenter, loader: DataLoader, optimizer: torch.optim.Opt
             logits = model(batch["image"], batch["prompts"].to(accelerator.device))
             loss = loss_fn(logits, batch["mask"])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} (try a lower train.lr)")
+            raise TrainingError(f"training loss became {loss.item()} (train.lr={optimizer.param_groups[0]['lr']:g}); "
+                                "try a lower train.lr or precision: \"no\"")
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,6 +184,8 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
         shutil.copytree(carried if carried.is_dir() else ctx.resume_from, best_dir,
                         ignore=shutil.ignore_patterns("best"))
         ctx.log(f"resuming after epoch {start_epoch} (best so far: epoch {best['epoch']})")
+        if ctx.tracker is not None:
+            ctx.tracker.set_tags({"segtune.resumed_from_epoch": str(start_epoch)})
     model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(model, optimizer, train_dl, val_dl, test_dl)
     raw_model = accelerator.unwrap_model(model)
 
@@ -227,5 +230,8 @@ def _finish(cfg: ExperimentConfig, ctx: TrialContext, model: Segmenter, best: di
         ctx.tracker.log_metrics({k: float(v) for k, v in out.items()}, step=cfg.train.epochs)
         ctx.tracker.flush()
         ctx.tracker.log_checkpoint(best_dir)
+        from segtune.evaluate import log_overlays  # the best checkpoint's masks on the first test samples
+
+        log_overlays(model, test_dl, ctx.tracker, cfg.eval.overlays)
         ctx.tracker.finish("FINISHED")
     return out

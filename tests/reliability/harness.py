@@ -58,6 +58,8 @@ def wait_for_metric(uri: str, experiment: str, key: str = "val/dice", timeout: f
 def trial_runs(uri: str, experiment: str) -> list:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
+    if exp is None:  # the sweep has not opened its experiment yet
+        return []
     return client.search_runs([exp.experiment_id], filter_string="tags.`segtune.kind` = 'trial'", max_results=1000)
 
 

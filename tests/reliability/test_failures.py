@@ -1,0 +1,56 @@
+"""Trials that fail: a NaN loss ends its run FAILED with the reason; a killed worker is retried."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.reliability.harness import check_complete, start, trial_runs, write_experiment
+
+
+def test_nan_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, em_data, mlflow_server) -> None:
+    uri, name = mlflow_server.uri, "nan-trial"
+    file = write_experiment(tmp_path, em_data, uri, name, samples=3, epochs=2, scheduler="fifo")
+    raw = yaml.safe_load(file.read_text())
+    raw["search"]["space"]["train.lr"] = {"choice": [1.0e30, 1.0e-3]}  # 1e30 turns the loss to NaN
+    raw["search"]["max_failures"] = 0
+    file.write_text(yaml.safe_dump(raw))
+    proc = start(file, cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    runs = trial_runs(uri, name)
+    assert len(runs) == 3
+    failed = [r for r in runs if float(r.data.params["train.lr"]) > 1]
+    finished = [r for r in runs if float(r.data.params["train.lr"]) < 1]
+    assert failed and finished, "the seeded sampler should try both learning rates"
+    for r in failed:
+        assert r.info.status == "FAILED"
+        assert "loss became nan" in r.data.tags["segtune.error"]
+    for r in finished:
+        assert r.info.status == "FINISHED" and "test/iou" in r.data.metrics
+
+
+def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, em_data, mlflow_server) -> None:
+    uri, name = mlflow_server.uri, "retry-trial"
+    file = write_experiment(tmp_path, em_data, uri, name, samples=1, epochs=8, scheduler="fifo")
+    proc = start(file, cwd=tmp_path)
+    client = MlflowClient(uri)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # wait for two epochs, so a checkpoint exists
+        runs = trial_runs(uri, name)
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val/dice")) >= 2:
+            break
+        time.sleep(0.5)
+    run = trial_runs(uri, name)[0]
+    first_pid = int(run.data.tags["segtune.pid"])
+    os.kill(first_pid, signal.SIGKILL)  # the trial's Ray worker, not the driver
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    check_complete(uri, name, samples=1, epochs=8)
+    run = client.get_run(run.info.run_id)
+    assert int(run.data.tags["segtune.pid"]) != first_pid
+    assert int(run.data.tags["segtune.resumed_from_epoch"]) >= 2
