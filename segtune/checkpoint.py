@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from segtune.config import ExperimentConfig, validate
 from segtune.errors import CheckpointError
 from segtune.models import Segmenter, build_model, load_state_strict
+from tracking.artifacts import verify_manifest, write_manifest
+from tracking.errors import TrackingError
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -39,6 +41,7 @@ def save_checkpoint(path: Path, model: Segmenter, optimizer: torch.optim.Optimiz
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps({**state, "config": cfg.model_dump()}, indent=2, default=float))
+    write_manifest(tmp)  # so a copy cut short in transit is recognised (first_intact)
     # Swap in whole, so a crash mid-write never leaves a half checkpoint under the real name.
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
@@ -80,6 +83,22 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> bool:
                               f"{(str(err).splitlines() or [''])[0][:200]}).") from None
     optimizer.load_state_dict(state)
     return True
+
+
+def first_intact(candidates: list[Path], log=print) -> Path | None:  # noqa: ANN001
+    """The first checkpoint whose files match their manifest and whose state reads; None if none.
+
+    Used on restore: when the newest checkpoint was cut short (a node died mid-upload), the
+    trial goes on from the one before rather than failing or trusting damaged weights.
+    """
+    for path in candidates:
+        try:
+            verify_manifest(path)
+            read_state(path)
+            return path
+        except (TrackingError, CheckpointError) as err:
+            log(f"checkpoint {path} is damaged, trying an older one: {err}")
+    return None
 
 
 def load_model(path: Path) -> tuple[Segmenter, ExperimentConfig]:

@@ -92,8 +92,7 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
     )
     # Where this attempt runs (a retried or resumed trial moves): set on every attempt.
     tracker.set_tags({"segtune.node": ray.get_runtime_context().get_node_id(), "segtune.pid": str(os.getpid())})
-    restored = tune.get_checkpoint()
-    resume_from = Path(restored.to_directory(str(workdir / "restored"))) if restored else None
+    resume_from = _restorable(tune.get_checkpoint(), workdir / "restored", log)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
@@ -112,6 +111,29 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
         raise
     finally:
         log_file.close()
+
+
+def _restorable(restored: Any, local: Path, log: Callable[[str], None]) -> Path | None:
+    """Download Tune's latest checkpoint of this trial, or an older kept one if it is damaged."""
+    if restored is None:
+        return None
+    import pyarrow.fs
+
+    from segtune.checkpoint import first_intact
+
+    fs, parent = restored.filesystem, restored.path.rsplit("/", 1)[0]
+    kept = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    candidates = [restored.path] + sorted((p for p in kept if p != restored.path), reverse=True)
+    local_dirs = []
+    for n, path in enumerate(candidates):
+        target = local / f"{n}"
+        tune.Checkpoint(path, filesystem=fs).to_directory(str(target))
+        local_dirs.append(target)
+    found = first_intact(local_dirs, log)
+    if found is None:
+        log("no intact checkpoint of this trial survived; it starts again from epoch 1")
+    return found
 
 
 # Final Tune status of every trial, by sweep id, written by TrialProgress at the end. A module

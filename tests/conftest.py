@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tracking.server import LocalServer, ServerInfo
+from tracking.server import LocalServer, ServerInfo, free_port
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerInfo]:
     """A tracking server for the session, stopped (by the pid it started) at the end."""
-    with LocalServer(tmp_path_factory.mktemp("mlflow-server")) as info:
+    # An OS-chosen port: 5000 may belong to a user's own server (or a parallel test session).
+    with LocalServer(tmp_path_factory.mktemp("mlflow-server"), port=free_port(0)) as info:
         yield info
 
 

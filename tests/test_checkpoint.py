@@ -261,3 +261,22 @@ def test_every_torch_load_is_weights_only() -> None:
                 unsafe.append(f"{f.relative_to(ROOT)}:{call.lineno}")
     assert calls >= 2  # the checker sees the calls we know of (sam.py, checkpoint.py)
     assert not unsafe, f"torch.load without weights_only=True at {', '.join(unsafe)}"
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path: Path) -> None:
+    from segtune.checkpoint import first_intact, save_checkpoint
+    from segtune.config import ExperimentConfig
+    from segtune.models import build_model
+    from tests.conftest import DEMO
+    from segtune.config import load_config
+
+    cfg: ExperimentConfig = load_config(DEMO)
+    model = build_model(cfg.model)
+    old = save_checkpoint(tmp_path / "checkpoint_000000", model, None, cfg, {"epoch": 1})
+    new = save_checkpoint(tmp_path / "checkpoint_000001", model, None, cfg, {"epoch": 2})
+    weights = new / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short mid-upload
+    said: list[str] = []
+    assert first_intact([new, old], said.append) == old
+    assert "damaged" in said[0] and "model.safetensors" in said[0]
+    assert first_intact([new], said.append) is None
