@@ -96,7 +96,7 @@ def _logits(model: Segmenter, family: str) -> torch.Tensor:
 
 def test_round_trip_gives_identical_logits(saved) -> None:
     path, model, _, cfg = saved
-    assert sorted(p.name for p in path.iterdir()) == sorted([WEIGHTS, OPTIMIZER, STATE])
+    assert sorted(p.name for p in path.iterdir()) == sorted([WEIGHTS, OPTIMIZER, STATE, "manifest.json"])
     loaded, loaded_cfg = load_model(path)
     assert loaded_cfg == cfg
     family = cfg.model.name
