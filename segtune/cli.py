@@ -194,5 +194,16 @@ def main() -> None:
         sys.exit(1)
 
 
+def _add_study_commands() -> None:
+    from segtune import study_cli  # typer only; the commands import their modules lazily
+
+    app.command("eval")(study_cli.eval_command)
+    app.command("prompt-search")(study_cli.prompt_search_command)
+    app.command("report")(study_cli.report_command)
+
+
+_add_study_commands()
+
+
 if __name__ == "__main__":
     main()

@@ -70,6 +70,13 @@ class TrainConfig(_Section):
     loss: str = "dice"
     precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
+    # "auto": decode from cached image embeddings when the policy freezes the encoder (segtune.cache).
+    cache: Literal["auto", "off"] = "auto"
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class SearchDim(_Section):
@@ -131,6 +138,64 @@ class TrackingConfig(_Section):
     spool_dir: str = ".segtune/spool"
 
 
+class AmgConfig(_Section):
+    """segment-anything's `SamAutomaticMaskGenerator` arguments, and how its masks are scored."""
+
+    points_per_side: int = Field(32, gt=0)
+    points_per_batch: int = Field(64, gt=0)
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
+    crop_n_layers: int = Field(0, ge=0)
+    min_mask_region_area: int = Field(0, ge=0)  # > 0 needs opencv (segment-anything's choice)
+    # A generated mask joins the union when at least this fraction of its area lies inside the
+    # ground truth (docs/study.md: the AMG protocol).
+    inside_threshold: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class EvalConfig(_Section):
+    """`segtune eval`: which protocol, on which split, and how much of it."""
+
+    protocol: Literal["prompted", "amg"] = "prompted"  # amg: SAM's automatic mask generator
+    split: Literal["train", "val", "test"] = "test"
+    sample: int | None = Field(None, gt=0)  # score only the first N samples of the split
+    overlays: int = Field(4, ge=0)  # overlay PNGs logged per run (the first N samples)
+    amg: AmgConfig = Field(default_factory=AmgConfig)
+
+
+class PromptSearchConfig(_Section):
+    """`segtune prompt-search`: text prompts scored zero-shot on a sample of a split."""
+
+    candidates: list[str] = Field(min_length=1)
+    templates: list[str] = Field(default_factory=lambda: ["{}"])  # each with one "{}"
+    split: Literal["train", "val", "test"] = "train"
+    sample: int = Field(32, gt=0)
+    metric: Literal["iou", "dice"] = "iou"
+    # Trials; None scores every candidate once (enqueued), fewer lets Optuna's TPE choose.
+    num_samples: int | None = Field(None, gt=0)
+    output: str | None = None  # where the best prompt is written; default .segtune/prompts/<name>.yaml
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t.count("{}") != 1]
+        if bad or not v:
+            raise ValueError(f"each template needs exactly one {{}} for the candidate (got {bad or v})")
+        return v
+
+
+class ReferenceConfig(_Section):
+    """The thesis's published result this file reproduces (DESIGN.md), shown by `segtune report`."""
+
+    row: str  # the thesis table row; the 20- and 50-epoch files of one row share it
+    dataset: str  # as the thesis names it, e.g. "EPFL EM (mitochondria)"
+    setting: str  # e.g. "SAM, one random point"
+    test_iou: float = Field(ge=0.0, le=1.0)
+    epochs: int | None = Field(None, gt=0)  # None: zero-shot, no training
+    train_dice_loss: float | None = None
+    note: str | None = None
+
+
 class ExperimentConfig(_Section):
     name: str
     dataset: DatasetConfig
@@ -140,6 +205,9 @@ class ExperimentConfig(_Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    prompt_search: PromptSearchConfig | None = None
+    reference: ReferenceConfig | None = None
 
     @field_validator("name")
     @classmethod
