@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-cluster venv clean
 
 venv: $(VENV)/.installed
 
@@ -17,7 +17,18 @@ demo: venv
 	$(BIN)/segtune demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
+
+# Only the cluster tests (Ray head + workers, S3, PostgreSQL); `make test` includes them.
+test-cluster: venv
+	$(BIN)/python -m pytest -q -rs tests/cluster
 
 clean:
 	rm -rf $(VENV) .segtune
+
+# Benchmarks 1-7 of issue 6, reduced to run in under 15 minutes on 2 cores; each prints a
+# ratio measured within its own run (results: benchmarks/RESULTS.md). GPU: benchmarks/gpu.sh.
+BENCH := loop sweep cache_step cache_sweep search data tracking
+.PHONY: bench
+bench: venv
+	set -e; for b in $(BENCH); do echo "== $$b"; timeout 600 $(BIN)/python -m benchmarks.bench_$$b; done

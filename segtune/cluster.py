@@ -55,7 +55,9 @@ def _reload_auth() -> None:
     except ImportError:  # a Ray without token authentication: nothing is cached
         return
     Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    loader = AuthenticationTokenLoader.instance()
+    if hasattr(loader, "reset_cache"):  # private API: a Ray that lacks it keeps its old cache
+        loader.reset_cache()
 
 
 def connect(address: str | None) -> bool:
@@ -87,8 +89,9 @@ def connect(address: str | None) -> bool:
 
 def _describe(node: dict[str, Any]) -> str:
     res = node["Resources"]
-    return (f"node {node['NodeID'][:8]} at {node.get('NodeManagerAddress', '?')}: "
-            f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+    name = ("this machine" if node["NodeID"] == "local"
+            else f"node {node['NodeID'][:8]} at {node.get('NodeManagerAddress', '?')}")
+    return f"{name}: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
 
 
 def check_fits(cpu: float, gpu: float, nodes: list[dict[str, Any]], where: str) -> None:
@@ -100,9 +103,9 @@ def check_fits(cpu: float, gpu: float, nodes: list[dict[str, Any]], where: str) 
     listing = "; ".join(_describe(n) for n in nodes) or "no alive nodes"
     raise ClusterError(
         f"resources: each trial asks for {cpu:g} CPU and {gpu:g} GPU (resources.cpu, "
-        f"resources.gpu), but no node of {where} has that much. Its nodes: {listing}. Lower "
-        "resources.gpu / resources.cpu (a fractional gpu such as 0.25 shares one GPU), or add "
-        "a node that large."
+        f"resources.gpu), but no node of {where} has that much ({listing}). Lower "
+        "resources.gpu / resources.cpu (a fractional gpu such as 0.25 shares one GPU), or run "
+        "on a cluster with a node that large (--address)."
     )
 
 
@@ -217,7 +220,7 @@ def preflight(cfg: ExperimentConfig, address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and not ray.is_initialized():
         check_fits(cfg.resources.cpu, cfg.resources.gpu, [_local_node(cfg.resources.gpu > 0)],
-                   "this machine (a local Ray starts here when no --address or RAY_ADDRESS is given)")
+                   "the local Ray this sweep would start (no --address or RAY_ADDRESS given)")
         return
     started = connect(address)
     try:

@@ -146,8 +146,8 @@ def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | s
 
     quiet_mlflow()
     check_names(cfg)
-    check_writable(cfg)
     check_server(cfg.tracking.uri)
+    check_writable(cfg)  # after the server check: an unreachable server leaves nothing behind
     preflight(cfg, address)  # resources and shared storage, before data or runs are touched
     target = _resume_target(cfg, resume)
     store, data_hash = prepare_data(cfg, log)
