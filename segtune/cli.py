@@ -205,5 +205,13 @@ def _add_study_commands() -> None:
 _add_study_commands()
 
 
+def _add_cache_command() -> None:
+    from segtune.cache import cache_command  # torch is imported only when the command runs
+
+    app.command("cache")(cache_command)
+
+
+_add_cache_command()
+
 if __name__ == "__main__":
     main()

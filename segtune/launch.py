@@ -82,6 +82,19 @@ def space_hash(cfg: ExperimentConfig) -> str:
 SWEEP_FILE = "segtune_sweep.json"
 
 
+def sweep_description(cfg: ExperimentConfig, sweep_id: str, sha: str) -> str:
+    """The parent run's description in the MLflow UI (Markdown)."""
+    s = cfg.search
+    space = ", ".join(f"`{k}` {v.kind} {list(v.args) if not isinstance(v.args, list) else v.args}"
+                      for k, v in s.space.items()) or "none"
+    return (f"**{cfg.name}**: {s.num_samples} trials of `{cfg.model.key}` (policy `{cfg.model.train}`) on "
+            f"`{cfg.dataset.name}`, prompts `{cfg.prompt.train}` (train) / `{cfg.prompt.eval}` (eval), "
+            f"loss `{cfg.train.loss}`, optimizer `{cfg.train.optimizer}`.\n\n"
+            f"Search: {s.searcher} + {s.scheduler} on `{s.metric}` ({s.mode}), {s.max_concurrent} at a time, "
+            f"over {space}.\n\nSweep `{sweep_id}`, code `{sha}`. Each trial is a nested run; promote the best "
+            f"with `segtune promote {cfg.tracking.experiment}`.")
+
+
 def _resume_target(cfg: ExperimentConfig, resume: bool | str) -> tuple[str, str] | None:
     """(sweep id, parent run id) of the sweep to resume, checked against the config."""
     from segtune.errors import ConfigError
@@ -159,6 +172,8 @@ def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | s
                                      for k, v in cfg.search.space.items()},
                   "search.num_samples": cfg.search.num_samples, "search.scheduler": cfg.search.scheduler}
         parent = start_sweep_run(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, params,
+                                 name=f"sweep {cfg.model.key} {cfg.dataset.name} [{sweep_id}]",
+                                 description=sweep_description(cfg, sweep_id, sha),
                                  tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
                                        "segtune.git_sha": sha, "segtune.data_hash": data_hash,
                                        "segtune.name": cfg.name, "segtune.space_hash": space_hash(cfg)})

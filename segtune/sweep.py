@@ -89,6 +89,8 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
         tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
               "segtune.git_sha": sweep.git_sha, "segtune.data_hash": sweep.data_hash},
         spool_dir=Path(sweep.spool_dir),
+        name=(f"{cfg.model.key} {cfg.dataset.name} lr={cfg.train.lr:.1e} bs={cfg.train.batch_size} "
+              f"ep={cfg.train.epochs} [{trial_id}]"),
     )
     # Where this attempt runs (a retried or resumed trial moves): set on every attempt.
     tracker.set_tags({"segtune.node": ray.get_runtime_context().get_node_id(), "segtune.pid": str(os.getpid())})
@@ -239,7 +241,10 @@ def run_sweep(cfg: ExperimentConfig, sweep: SweepContext, *, address: str | None
             trainable,
             param_space=tune_space(s.space),
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent),
+                                        num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent,
+                                        # A finished trial's worker runs the next one (the function
+                                        # trainable's reset_config): no new process, no re-import of torch.
+                                        reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"{cfg.name}-{sweep.sweep_id}", storage_path=storage_uri(s.storage_path),
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
+from segtune.cache import EmbeddingCache, for_trial, forward_batch
 from segtune.checkpoint import load_optimizer, load_weights, read_state, save_checkpoint
 from segtune.config import ExperimentConfig
 from segtune.data import SegDataset, open_store
@@ -72,10 +73,13 @@ class PromptCollate:
             opts = self.opts if self.opts.text else replace(self.opts, text=it.get("text") or None)
             rng = np.random.default_rng([self.seed, self.epoch, it["index"]])
             prompts.append(self.build(it["mask"][0].numpy(), rng, opts))
-        return {"image": torch.stack([it["image"] for it in items]),
-                "mask": torch.stack([it["mask"] for it in items]),
-                "prompts": stack(prompts),
-                "text": [it["text"] for it in items]}
+        batch = {"image": torch.stack([it["image"] for it in items]),
+                 "mask": torch.stack([it["mask"] for it in items]),
+                 "prompts": stack(prompts),
+                 "text": [it["text"] for it in items]}
+        if "embedding" in items[0]:  # an embedding-cache split (segtune.cache)
+            batch["embedding"] = torch.stack([it["embedding"] for it in items])
+        return batch
 
 
 def _with_foreground(ds: SegDataset) -> SegDataset:
@@ -94,9 +98,12 @@ def _optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter]) -> torch
     return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
 
 
-def make_loaders(cfg: ExperimentConfig, store: Path, log: Callable[[str], None] = print
-                 ) -> tuple[DataLoader, DataLoader, DataLoader, PromptCollate]:
-    """Train, validation and test loaders over the prepared store, with prompts drawn per sample."""
+def make_loaders(cfg: ExperimentConfig, store: Path, log: Callable[[str], None] = print,
+                 cache: EmbeddingCache | None = None) -> tuple[DataLoader, DataLoader, DataLoader, PromptCollate]:
+    """Train, validation and test loaders over the prepared store, with prompts drawn per sample.
+
+    With `cache`, every batch also carries its images' cached encoder output (`embedding`).
+    """
     data = open_store(store)
     splits = {s: data.split(s) for s in ("train", "val", "test")}
     caps = {"train": cfg.dataset.max_train, "val": cfg.dataset.max_eval, "test": cfg.dataset.max_eval}
@@ -113,6 +120,8 @@ def make_loaders(cfg: ExperimentConfig, store: Path, log: Callable[[str], None] 
         if len(splits[s]) == 0:
             raise ConfigError(f"dataset: the {s} split of {store} is empty; lower dataset.val_fraction "
                               "or check the data")
+    if cache is not None:
+        splits = {s: cache.wrap(ds) for s, ds in splits.items()}
     p = cfg.prompt
     opts = PromptOptions(train=False, text=p.text, k=p.k, box_jitter=p.box_jitter)
     train_collate = PromptCollate(p.train, cfg.train.seed, replace(opts, train=True))
@@ -132,7 +141,7 @@ def train_epoch(model: Segmenter, loader: DataLoader, optimizer: torch.optim.Opt
     total, n = 0.0, 0
     for batch in loader:
         with accelerator.autocast():
-            logits = model(batch["image"], batch["prompts"].to(accelerator.device))
+            logits = forward_batch(model, batch, accelerator.device)
             loss = loss_fn(logits, batch["mask"])
         if not torch.isfinite(loss):
             raise TrainingError(f"training loss became {loss.item()} (train.lr={optimizer.param_groups[0]['lr']:g}); "
@@ -152,7 +161,7 @@ def evaluate(model: Segmenter, loader: DataLoader, accelerator: Accelerator) -> 
     dices, ious = [], []
     for batch in loader:
         with accelerator.autocast():
-            logits = model(batch["image"], batch["prompts"].to(accelerator.device))
+            logits = forward_batch(model, batch, accelerator.device)
         pred = masks_from_logits(logits.float())
         target = batch["mask"] > 0.5
         dices.append(dice(pred, target).cpu())
@@ -169,7 +178,9 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
     loss_fn = LOSSES[cfg.train.loss]
     model = build_model(cfg.model)
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    train_dl, val_dl, test_dl, train_collate = make_loaders(cfg, ctx.store, ctx.log)
+    # Before any weights load: only trainable ones do, and the cache's key is the frozen encoder.
+    cache = for_trial(cfg, model, ctx.store, ctx.log)
+    train_dl, val_dl, test_dl, train_collate = make_loaders(cfg, ctx.store, ctx.log, cache)
 
     start_epoch, best = 0, {"dice": -math.inf, "epoch": 0}
     ckpt_dir, best_dir = ctx.workdir / "checkpoints" / "last", ctx.workdir / "checkpoints" / "best"

@@ -73,12 +73,15 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
 
 
+NOTE = "mlflow.note.content"  # the run description the MLflow UI shows and edits
+
+
 def start_sweep_run(uri: str, experiment: str, sweep_id: str, params: dict[str, Any],
-                    tags: dict[str, str]) -> str:
-    """Open the sweep's parent run and return its id."""
+                    tags: dict[str, str], name: str | None = None, description: str = "") -> str:
+    """Open the sweep's parent run (with a name and a description for the UI); return its id."""
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id(client, experiment), run_name=f"sweep-{sweep_id}",
-                            tags=_tags({**tags, KIND: "sweep", SWEEP_ID: sweep_id}))
+    run = client.create_run(experiment_id(client, experiment), run_name=name or f"sweep-{sweep_id}",
+                            tags=_tags({**tags, KIND: "sweep", SWEEP_ID: sweep_id, NOTE: description}))
     log_params(client, run.info.run_id, params)
     return run.info.run_id
 
@@ -108,12 +111,13 @@ class TrialRun:
 
     @classmethod
     def open(cls, uri: str, experiment: str, *, sweep_id: str, trial_id: str, parent_run_id: str | None,
-             params: dict[str, Any], tags: dict[str, str], spool_dir: Path | None = None) -> "TrialRun":
+             params: dict[str, Any], tags: dict[str, str], spool_dir: Path | None = None,
+             name: str | None = None) -> "TrialRun":
         """Open the trial's run, or reattach to the one it already has (a retry or resume)."""
         client = MlflowClient(uri)
         exp_id = experiment_id(client, experiment)
         run_id = find_trial_run(client, exp_id, sweep_id, trial_id)
-        all_tags = {**tags, KIND: "trial", SWEEP_ID: sweep_id, TRIAL_ID: trial_id, MLFLOW_RUN_NAME: trial_id}
+        all_tags = {**tags, KIND: "trial", SWEEP_ID: sweep_id, TRIAL_ID: trial_id, MLFLOW_RUN_NAME: name or trial_id}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if run_id is None:
@@ -249,9 +253,14 @@ def trial_runs(uri: str, experiment: str, sweep_id: str | None = None) -> list[A
 
 
 def end_sweep_run(uri: str, run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
-    """Record the best trial on the parent run and close it."""
+    """Record the best trial on the parent run (tags and its description) and close it."""
     client = MlflowClient(uri)
     tags = [RunTag(f"segtune.best.{k}", str(v)) for k, v in summary.items() if v is not None]
+    if summary.get("trial_id"):
+        note = client.get_run(run_id).data.tags.get(NOTE, "").split("\n\n**Best trial**")[0]
+        best = (f"\n\n**Best trial** {summary['trial_id']} (run {summary.get('run_id')}): val/dice_best "
+                f"{summary.get('val_dice_best', float('nan')):.4f}, test/iou {summary.get('test_iou') or float('nan'):.4f}")
+        tags.append(RunTag(NOTE, note + best))
     if tags:
         client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, status)

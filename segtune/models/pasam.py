@@ -100,10 +100,13 @@ class PaSamSegmenter(SamSegmenter):
         raise ConfigError(f"model.train: PA-SAM has no policy {policy!r}; expected one of {', '.join(self.policies)}")
 
     def forward(self, images: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
-        # The adapter needs the image itself beside the (cacheable) embedding.
+        return self.decode_with_images(self.encode(images), images, prompts)
+
+    def decode_with_images(self, embeddings: torch.Tensor, images: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+        """Decode (possibly cached) embeddings; the adapter needs the image itself beside them."""
         self._detail = image_and_gradient(images)
         try:
-            return super().forward(images, prompts)
+            return self.decode(embeddings, prompts, tuple(images.shape[-2:]))
         finally:
             self._detail = None
 

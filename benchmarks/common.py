@@ -1,0 +1,49 @@
+"""Shared set-up for the benchmark scripts: a prepared synthetic store and a config over it.
+
+Each benchmark prints one ratio measured within one run (both sides timed in the same process
+on the same machine), never an absolute threshold: the 2-core machines are shared.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "experiments" / "demo.yaml"
+
+
+def workdir(name: str) -> Path:
+    """A fresh temporary folder for one benchmark run."""
+    return Path(tempfile.mkdtemp(prefix=f"segtune-bench-{name}-"))
+
+
+def config(root: Path, *sets: str):
+    """The demo experiment over synthetic EM under `root`, with overrides."""
+    from segtune.config import load_config
+
+    return load_config(DEMO, [f"dataset.root={root / 'em'}", f"dataset.cache_dir={root / 'cache'}",
+                              f"search.storage_path={root / 'ray'}", *sets])
+
+
+def store(cfg) -> Path:
+    """Prepare (or reuse) the config's store."""
+    from segtune.launch import prepare_data
+
+    return prepare_data(cfg, log=lambda _: None)[0]
+
+
+@contextmanager
+def timed(out: dict, key: str) -> Iterator[None]:
+    """Adds the block's wall seconds to out[key]."""
+    t = time.perf_counter()
+    yield
+    out[key] = out.get(key, 0.0) + time.perf_counter() - t
+
+
+def verdict(name: str, ratio: float, goal: str, ok: bool, note: str = "") -> None:
+    """The one line every benchmark ends with (RESULTS.md quotes it)."""
+    print(f"RESULT {name}: {ratio:.3g}x (goal {goal}) {'MET' if ok else 'MISSED'}{'; ' + note if note else ''}", flush=True)

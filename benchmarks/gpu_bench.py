@@ -1,0 +1,104 @@
+"""GPU benchmark (run by gpu.sh on one H100): SAM vit_b images/s in bf16 and share of peak FLOP/s.
+
+Three figures: full fine-tune steps (encoder + decoder trained), decoder-only steps on cached
+embeddings held on the GPU, zero-shot evaluation (encoder + decoder, no grad). FLOPs per step
+are counted once with torch's FlopCounterMode; the share is achieved FLOP/s over the card's
+peak dense bf16 rate (H100 SXM: 989 TFLOP/s; override with PEAK_TFLOPS).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from segtune.cache import decode_cached
+from segtune.losses import LOSSES
+from segtune.models.sam import SAM_VARIANTS, SamSegmenter, build_sam_modules
+from segtune.prompts import PromptBatch
+
+PEAK = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12
+DEV = torch.device("cuda")
+
+
+def batch(n: int):
+    images = torch.randint(0, 255, (n, 3, 1024, 1024), dtype=torch.uint8, device=DEV)
+    prompts = PromptBatch(points=torch.full((n, 1, 2), 512.0, device=DEV), labels=torch.ones(n, 1, dtype=torch.long, device=DEV))
+    mask = torch.zeros(n, 1, 1024, 1024, device=DEV)
+    mask[..., 400:600, 400:600] = 1
+    return images, prompts, mask
+
+
+def measure(name: str, step, n: int, seconds: float = 40.0) -> None:
+    for _ in range(3):  # warm-up (cuDNN/cuBLAS autotuning, allocator)
+        step()
+    torch.cuda.synchronize()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    torch.cuda.synchronize()
+    t, steps = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        step()
+        steps += 1
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    print(f"RESULT gpu {name}: {n / dt:.1f} images/s, {flops / dt / 1e12:.1f} TFLOP/s = "
+          f"{100 * flops / dt / PEAK:.1f}% of peak bf16 ({flops / n / 1e9:.0f} GFLOP/image)", flush=True)
+
+
+def main() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    loss_fn = LOSSES["dice"]
+    model = SamSegmenter(build_sam_modules(SAM_VARIANTS["vit_b"])).to(DEV)
+    compile_ = os.environ.get("COMPILE") == "1"
+
+    # Full fine-tune: the memory-bound case; batch 4 of 1024^2 fits an H100 in bf16 autocast.
+    model.set_policy("full")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    fwd = torch.compile(model) if compile_ else model
+    images, prompts, mask = batch(int(os.environ.get("FULL_BATCH", "4")))
+
+    def full_step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(fwd(images, prompts).float(), mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    measure("vit_b full fine-tune", full_step, len(images))
+    del opt
+
+    # Decoder-only on cached embeddings held on the GPU (what a cached trial does each step).
+    model.set_policy("mask_decoder")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    n = int(os.environ.get("DECODER_BATCH", "32"))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        emb = model.encode(batch(1)[0]).expand(n, -1, -1, -1).contiguous()
+    images, prompts, mask = batch(n)
+
+    def decoder_step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(decode_cached(model, emb, images, prompts).float(), mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    measure("vit_b decoder-only on cached embeddings", decoder_step, n)
+
+    # Zero-shot evaluation: encoder + decoder, no grad.
+    images, prompts, _ = batch(int(os.environ.get("EVAL_BATCH", "16")))
+    model.eval()
+
+    @torch.no_grad()
+    def eval_step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(images, prompts)
+
+    measure("vit_b zero-shot evaluation", eval_step, len(images))
+
+
+if __name__ == "__main__":
+    main()

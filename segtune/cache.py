@@ -1,0 +1,286 @@
+"""The embedding cache: one frozen-encoder pass over a store, shared by every trial that matches.
+
+When a trial's policy leaves the image encoder frozen (SAM/MedSAM `mask_decoder`, PA-SAM
+`adapter`, CLIPSeg `decoder`), `model.encode(images)` is the same in every epoch of every
+trial. It is computed once into a memory-mapped `.npy` beside the prepared store::
+
+    <store>/embeddings/<key>/embeddings.npy   (M, ...) one row per row of images.npy (fp16)
+    <store>/embeddings/<key>/meta.json        the key's parts, shape, dtype, build time
+    <store>/embeddings/<key>.lock             fcntl lock: one builder at a time, across processes
+
+`key` hashes the encoder's weights (and its pixel normalisation), the store's content hash and
+the model's preprocessing (class, input size, aspect handling) plus the stored dtype, so a
+change to any of them lands in a new folder and the old one is never read. The folder appears
+by one `rename` after it is complete, so a reader never sees half of it.
+
+Trials then decode from cached rows (`forward_batch`); images still travel in the batch
+because PA-SAM's detail branch and the overlays need them, and they are cheap.
+
+This module imports torch only inside functions: `segtune cache` is registered in the CLI,
+whose `--help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
+
+import numpy as np
+import typer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from segtune.config import ExperimentConfig
+    from segtune.models import Segmenter
+    from segtune.prompts import PromptBatch
+
+FORMAT_VERSION = 1
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def _family(model: Any) -> str:
+    from segtune.models.clipseg import ClipSegSegmenter
+    from segtune.models.sam import SamSegmenter
+
+    if isinstance(model, SamSegmenter):
+        return "sam"
+    if isinstance(model, ClipSegSegmenter):
+        return "clipseg"
+    raise TypeError(f"no embedding cache for {type(model).__name__}")
+
+
+def encoder_state(model: Segmenter) -> dict[str, torch.Tensor]:
+    """Everything `encode` reads besides the image: the encoder's weights and pixel statistics."""
+    if _family(model) == "sam":
+        sam = model.sam  # type: ignore[attr-defined]
+        state = {f"image_encoder.{k}": v for k, v in sam.image_encoder.state_dict().items()}
+        state.update(pixel_mean=sam.pixel_mean, pixel_std=sam.pixel_std)
+        return state
+    state = {f"vision_model.{k}": v for k, v in model.model.clip.vision_model.state_dict().items()}  # type: ignore[attr-defined]
+    state.update(mean=model.mean, std=model.std, extract_layers=_tensor(model.model.extract_layers))  # type: ignore[attr-defined]
+    return state
+
+
+def _tensor(values: Any) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(list(values))
+
+
+def encoder_frozen(model: Segmenter) -> bool:
+    """True when no parameter the encoder pass uses trains (SAM's encoder adapters live inside it)."""
+    if _family(model) == "sam":
+        params = model.sam.image_encoder.parameters()  # type: ignore[attr-defined]
+    else:
+        params = model.model.clip.vision_model.parameters()  # type: ignore[attr-defined]
+    return not any(p.requires_grad for p in params)
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        # Bytes through a uint8 view: numpy has no bfloat16, and a view copies nothing.
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cache_key(model: Segmenter, store_hash: str, dtype: str = "float16") -> tuple[str, dict[str, Any]]:
+    """The cache folder's name and the parts it hashes."""
+    parts = {
+        "format": FORMAT_VERSION,
+        "store_hash": store_hash,
+        "encoder": weights_hash(encoder_state(model)),
+        # Preprocessing: the class picks the normalisation (MedSAM's min-max vs SAM's mean/std).
+        "model_class": type(model).__name__,
+        "image_size": int(model.image_size),  # type: ignore[attr-defined]
+        "keep_aspect": bool(getattr(model, "keep_aspect", False)),
+        "dtype": dtype,
+    }
+    blob = json.dumps(parts, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16], parts
+
+
+def _batch_axis(model: Segmenter) -> int:
+    # CLIPSeg's encode stacks the extracted layers first: (L, B, tokens, C).
+    return 1 if _family(model) == "clipseg" else 0
+
+
+@dataclass
+class EmbeddingCache:
+    """A built cache folder, opened for reading; `wrap` turns a store split into a cached one."""
+
+    path: Path
+    key: str
+    built: bool  # this call computed it (False: reused what an earlier trial or sweep left)
+
+    @property
+    def file(self) -> Path:
+        return self.path / "embeddings.npy"
+
+    def wrap(self, split: Any) -> CachedSplit:
+        return CachedSplit(split, self.file)
+
+
+class CachedSplit:
+    """A store split whose items also carry `embedding`: the cached row of their image, as fp32.
+
+    Like SegDataset, the memory maps open lazily and are not pickled (DataLoader workers, Ray).
+    """
+
+    def __init__(self, split: Any, file: Path):
+        self.split, self.file = split, Path(file)
+        self._emb: np.ndarray | None = None
+        self._rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        if self._emb is None:
+            self._emb = np.load(self.file, mmap_mode="r")
+            samples = json.loads((Path(self.split.path) / "index.json").read_text())["samples"]
+            self._rows = np.array([s["image"] for s in samples], dtype=np.int64)
+        item = self.split[i]
+        row = self._rows[item["index"]]  # type: ignore[index]
+        item["embedding"] = torch.from_numpy(np.asarray(self._emb[row], dtype=np.float32))
+        return item
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_emb": None, "_rows": None}
+
+
+def build_or_open(model: Segmenter, store: Path, *, dtype: str = "float16", batch_size: int = 8,
+                  log: Callable[[str], None] = print) -> EmbeddingCache:
+    """The cache for (model's encoder, store, preprocessing): reused if built, else built once.
+
+    The fcntl lock is held while checking and building, so a second trial (another process,
+    another sweep) waits for the first and then reuses its result instead of building again.
+    """
+    import torch
+
+    from segtune.data import open_store
+
+    store = Path(store)
+    key, parts = cache_key(model, open_store(store).hash, dtype)
+    root = store / "embeddings"
+    root.mkdir(exist_ok=True)
+    final = root / key
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (final / "meta.json").is_file():
+                return EmbeddingCache(final, key, built=False)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
+            try:
+                _compute(model, store, tmp, parts, dtype, batch_size, log)
+                os.rename(tmp, final)  # atomic: readers see all of it or none
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return EmbeddingCache(final, key, built=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _compute(model: Segmenter, store: Path, out: Path, parts: dict[str, Any], dtype: str,
+             batch_size: int, log: Callable[[str], None]) -> None:
+    import torch
+
+    images = np.load(store / "images.npy", mmap_mode="r")
+    axis = _batch_axis(model)
+    start, was_training = time.perf_counter(), model.training
+    device = next(model.parameters()).device
+    model.eval()
+    arr = None
+    try:
+        with torch.no_grad():
+            for lo in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.array(images[lo : lo + batch_size].transpose(0, 3, 1, 2)))  # a writable copy
+                emb = model.encode(x.to(device)).float().movedim(axis, 0).cpu().numpy()
+                if arr is None:
+                    arr = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=DTYPES[dtype],
+                                                    shape=(len(images), *emb.shape[1:]))
+                arr[lo : lo + len(emb)] = emb
+    finally:
+        model.train(was_training)
+    assert arr is not None
+    arr.flush()
+    shape = list(arr.shape)
+    del arr
+    meta = dict(parts, shape=shape, seconds=round(time.perf_counter() - start, 3), built_at=time.time())
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    log(f"embedding cache: encoded {shape[0]} images in {meta['seconds']:.1f}s -> {out.parent.name}/")
+
+
+def for_trial(cfg: ExperimentConfig, model: Segmenter, store: Path,
+              log: Callable[[str], None] = print) -> EmbeddingCache | None:
+    """The trial's decision, logged: a cache when the encoder is frozen and `train.cache` allows."""
+    if cfg.train.cache == "off":
+        log("embedding cache: off (train.cache=off)")
+        return None
+    try:
+        _family(model)
+    except TypeError:
+        log(f"embedding cache: off ({type(model).__name__} has no cacheable encoder)")
+        return None
+    if not encoder_frozen(model):
+        log(f"embedding cache: off: policy {cfg.model.train!r} trains the encoder")
+        return None
+    cache = build_or_open(model, store, batch_size=cfg.train.batch_size, log=log)
+    log(f"embedding cache: on (key {cache.key}, {'built' if cache.built else 'reused'})")
+    return cache
+
+
+def decode_cached(model: Segmenter, embedding: torch.Tensor, images: torch.Tensor,
+                  prompts: PromptBatch) -> torch.Tensor:
+    """Mask logits from cached rows `(B, ...)`: what `model(images, prompts)` returns, minus encode."""
+    from segtune.models.pasam import PaSamSegmenter
+
+    emb = embedding.movedim(0, _batch_axis(model))
+    if isinstance(model, PaSamSegmenter):
+        return model.decode_with_images(emb, images, prompts)
+    return model.decode(emb, prompts, tuple(images.shape[-2:]))
+
+
+def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """The loop's forward: decode from the batch's cached embeddings if it has them."""
+    prompts = batch["prompts"].to(device)
+    if "embedding" not in batch:
+        return model(batch["image"], prompts)
+    # Accelerate may wrap the model (DDP); decode is the wrapped module's method.
+    return decode_cached(getattr(model, "module", model), batch["embedding"], batch["image"], prompts)
+
+
+def cache_command(
+    file: Path = typer.Argument(..., help="Experiment YAML file: the model and data whose embeddings to cache."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field: --set model.train=mask_decoder."),
+) -> None:
+    """Compute the frozen-encoder embedding cache once, before a sweep (no-op when already built)."""
+    from segtune.config import load_config
+    from segtune.launch import prepare_data
+    from segtune.models import build_model
+
+    cfg = load_config(file, list(set_ or []))
+    store, _ = prepare_data(cfg, log=typer.echo)
+    model = build_model(cfg.model)
+    cache = for_trial(cfg, model, store, log=typer.echo)
+    if cache is None:
+        raise typer.Exit(1)
+    typer.echo(f"{cache.path} ({'built' if cache.built else 'already built'})")
