@@ -160,6 +160,8 @@ class EvalConfig(_Section):
     split: Literal["train", "val", "test"] = "test"
     sample: int | None = Field(None, gt=0)  # score only the first N samples of the split
     overlays: int = Field(4, ge=0)  # overlay PNGs logged per run (the first N samples)
+    # Trials also draw the first validation samples every N epochs (overlays/epoch_NNN); 0: never.
+    overlay_every: int = Field(5, ge=0)
     amg: AmgConfig = Field(default_factory=AmgConfig)
 
 

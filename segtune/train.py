@@ -220,6 +220,11 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
         if ctx.tracker is not None:
             ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             ctx.tracker.flush()
+            every = cfg.eval.overlay_every
+            if every and epoch % every == 0 and epoch != cfg.train.epochs:
+                from segtune.evaluate import log_overlays  # how the masks look as training goes
+
+                log_overlays(raw_model, val_dl, ctx.tracker, cfg.eval.overlays, f"overlays/epoch_{epoch:03d}")
         if epoch == cfg.train.epochs:
             # Test before the last report: a scheduler may stop the trial at its final report.
             metrics.update(_finish(cfg, ctx, raw_model, best, best_dir, test_dl, accelerator))

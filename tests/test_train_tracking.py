@@ -62,3 +62,17 @@ def test_reopening_a_trial_reattaches_to_its_run(tiny_config) -> None:
     assert again.run_id == first.run_id
     assert MlflowClient(cfg.tracking.uri).get_run(again.run_id).info.status == "RUNNING"
     again.finish()
+
+
+def test_trials_log_overlays_during_training_and_at_the_end(tiny_config, tmp_path: Path) -> None:
+    from segtune.config import apply_params
+
+    cfg = apply_params(tiny_config, {"eval.overlay_every": 1, "eval.overlays": 2})
+    store, _ = prepare_data(cfg, log=lambda _: None)
+    tracker = TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="none", trial_id="overlays",
+                            parent_run_id=None, params=flatten(cfg), tags={})
+    run_trial(cfg, TrialContext(store=store, workdir=tmp_path / "trial", tracker=tracker, log=lambda _: None))
+    client = MlflowClient(cfg.tracking.uri)
+    during = [a.path for a in client.list_artifacts(tracker.run_id, "overlays/epoch_001")]
+    final = [a.path for a in client.list_artifacts(tracker.run_id, "overlays") if a.path.endswith(".png")]
+    assert len([p for p in during if p.endswith(".png")]) == 2 and len(final) == 2
