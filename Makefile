@@ -17,7 +17,12 @@ demo: venv
 	$(BIN)/segtune demo
 
 test: venv
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -m "not chaos"
+
+# The chaos test (a sweep SIGKILLed 5 times and resumed, about two minutes); .ci/run runs it too.
+.PHONY: test-chaos
+test-chaos: venv
+	$(BIN)/python -m pytest -q -rs -m chaos
 
 # Only the cluster tests (Ray head + workers, S3, PostgreSQL); `make test` includes them.
 test-cluster: venv
