@@ -34,6 +34,11 @@ def trained(twin_runs):
     return twin_config(FILE, twin_runs.root, twin_runs.uri), run.info.run_id, run.data.metrics["test/iou"]
 
 
+# The trial scored its test split from the embedding cache (fp16, segtune.cache); eval runs the
+# encoder in fp32. The two agree to fp16 precision, not bit for bit.
+CACHE_TOL = dict(rel=1e-3, abs=1e-4)
+
+
 def _eval_run(uri: str, run_id: str):
     return MlflowClient(uri).get_run(run_id)
 
@@ -42,12 +47,12 @@ def test_checkpoint_folder_and_run_give_the_trials_test_score(trained, twin_runs
     cfg, run_id, test_iou = trained
     folder = evaluate_checkpoint(cfg, checkpoint=twin_runs.workdirs[NAME] / "checkpoints" / "best", log=lambda _: None)
     by_run = evaluate_checkpoint(cfg, run_id=run_id, log=lambda _: None)
-    assert folder.metrics["test/iou"] == pytest.approx(test_iou)
-    assert by_run.metrics["test/iou"] == pytest.approx(test_iou)
+    assert folder.metrics["test/iou"] == pytest.approx(test_iou, **CACHE_TOL)
+    assert by_run.metrics["test/iou"] == pytest.approx(test_iou, **CACHE_TOL)
     run = _eval_run(cfg.tracking.uri, by_run.run_id)
     assert run.data.tags["segtune.kind"] == "eval" and run.info.status == "FINISHED"
     assert run.data.tags["segtune.source"] == f"runs:/{run_id}" and run.data.tags["segtune.source_run"] == run_id
-    assert run.data.metrics["test/iou"] == pytest.approx(test_iou)
+    assert run.data.metrics["test/iou"] == pytest.approx(test_iou, **CACHE_TOL)
 
 
 def test_promoted_model_is_scored_through_the_cli(trained, tmp_path: Path) -> None:
@@ -67,7 +72,7 @@ def test_promoted_model_is_scored_through_the_cli(trained, tmp_path: Path) -> No
     assert len(runs) == 1
     run = runs[0]
     assert run.data.tags["segtune.kind"] == "eval" and run.data.tags["segtune.source_run"] == run_id
-    assert run.data.metrics["test/iou"] == pytest.approx(test_iou)
+    assert run.data.metrics["test/iou"] == pytest.approx(test_iou, **CACHE_TOL)
     assert run.data.params["model.variant"] == "tiny"  # the checkpoint's model, logged as scored
 
 
