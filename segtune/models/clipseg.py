@@ -8,6 +8,9 @@ Policies: `decoder` (CLIP frozen, as the CLIPSeg paper trains it) and `full`.
 The vision activations are computed here, not by `CLIPSegForImageSegmentation.forward`: since
 transformers 5 that forward runs CLIP under `torch.no_grad()`, which would make `full` train
 only the decoder, and computing them apart is what lets `encode()` be cached.
+
+With the text tower frozen (`decoder`), a prompt's text embedding never changes, so it is
+memoised per prompt string: on the cached path the text tower was most of a step's cost.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ TINY_TOKENIZER = Path(__file__).with_name("assets") / "tiny_clip_tokenizer"
 HF_IDS = {"rd64-refined": "CIDAS/clipseg-rd64-refined", "rd64": "CIDAS/clipseg-rd64", "rd16": "CIDAS/clipseg-rd16"}
 # CLIPSeg's processor (ViTImageProcessor): ImageNet mean/std on [0,1] pixels.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Prompts are usually a few class names per dataset; the cap only bounds per-sample free text.
+TEXT_MEMO_LIMIT = 4096
 
 
 def tiny_config():
@@ -56,6 +61,9 @@ class ClipSegSegmenter(Segmenter):
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
         self.max_len = min(getattr(tokenizer, "model_max_length", 77), model.config.text_config.max_position_embeddings)
+        # prompt string -> text embedding `(D,)`, valid while `_text_memo_key` matches (see `_memo_key`).
+        self._text_memo: dict[str, torch.Tensor] = {}
+        self._text_memo_key: tuple | None = None
 
     def parameter_groups(self, policy: str) -> list[nn.Parameter]:
         if policy == "decoder":
@@ -77,10 +85,43 @@ class ClipSegSegmenter(Segmenter):
         return torch.stack([out.hidden_states[i + 1] for i in self.model.extract_layers])
 
     def text_embeddings(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        """CLIP text features `(B,D)` for `texts`; memoised per string while the text tower is frozen."""
+        key = self._memo_key(device)
+        if key is None:
+            return self._run_text_tower(texts, device)
+        if key != self._text_memo_key or len(self._text_memo) > TEXT_MEMO_LIMIT:
+            self._text_memo.clear()
+            self._text_memo_key = key
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_memo]
+        if missing:
+            # Nothing upstream trains, so no graph is needed; clone so each row owns its storage.
+            with torch.no_grad():
+                rows = self._run_text_tower(missing, device)
+            self._text_memo.update((t, row.clone()) for t, row in zip(missing, rows))
+        return torch.stack([self._text_memo[t] for t in texts])
+
+    def _run_text_tower(self, texts: list[str], device: torch.device) -> torch.Tensor:
         enc = self.tokenizer(texts, padding="max_length", max_length=self.max_len, truncation=True, return_tensors="pt")
         out = self.model.clip.get_text_features(input_ids=enc["input_ids"].to(device),
                                                 attention_mask=enc["attention_mask"].to(device))
         return _features(out)
+
+    def _memo_key(self, device: torch.device) -> tuple | None:
+        """What a memoised text embedding depends on, or None when it must not be memoised.
+
+        None when a text-tower weight trains (`full`: gradients must reach it) or when dropout
+        is live (each pass differs). Otherwise the key holds each weight's storage and version
+        counter, so `.to()`, `load_state_dict` or any in-place edit invalidates the memo, plus
+        the device and autocast state, which change the embedding's dtype and rounding.
+        """
+        clip = self.model.clip
+        params = [*clip.text_model.parameters(), *clip.text_projection.parameters()]
+        if any(p.requires_grad for p in params):
+            return None
+        if clip.text_model.training and self.model.config.text_config.attention_dropout > 0:
+            return None
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        return (device, autocast, tuple((p.data_ptr(), p._version) for p in params))
 
     def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, size: tuple[int, int]) -> torch.Tensor:
         if not prompts.texts:
