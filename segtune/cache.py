@@ -251,12 +251,8 @@ def for_trial(cfg: ExperimentConfig, model: Segmenter, store: Path,
 def decode_cached(model: Segmenter, embedding: torch.Tensor, images: torch.Tensor,
                   prompts: PromptBatch) -> torch.Tensor:
     """Mask logits from cached rows `(B, ...)`: what `model(images, prompts)` returns, minus encode."""
-    from segtune.models.pasam import PaSamSegmenter
-
-    emb = embedding.movedim(0, _batch_axis(model))
-    if isinstance(model, PaSamSegmenter):
-        return model.decode_with_images(emb, images, prompts)
-    return model.decode(emb, prompts, tuple(images.shape[-2:]))
+    inner = getattr(model, "module", model)  # Accelerate may wrap the model (DDP)
+    return model(images, prompts, embeddings=embedding.movedim(0, _batch_axis(inner)))
 
 
 def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -264,8 +260,8 @@ def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device)
     prompts = batch["prompts"].to(device)
     if "embedding" not in batch:
         return model(batch["image"], prompts)
-    # Accelerate may wrap the model (DDP); decode is the wrapped module's method.
-    return decode_cached(getattr(model, "module", model), batch["embedding"], batch["image"], prompts)
+    # Through the (possibly DDP-wrapped) model's forward, so gradients are synchronised.
+    return decode_cached(model, batch["embedding"], batch["image"], prompts)
 
 
 def cache_command(

@@ -94,18 +94,30 @@ def _describe(node: dict[str, Any]) -> str:
     return f"{name}: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
 
 
-def check_fits(cpu: float, gpu: float, nodes: list[dict[str, Any]], where: str) -> None:
-    """Refuse a trial that no single node can hold (Tune would leave it PENDING forever)."""
-    need = {"CPU": cpu, "GPU": gpu}
+def check_fits(cpu: float, gpu: float, nodes: list[dict[str, Any]], where: str, workers: int = 1) -> None:
+    """Refuse a trial the cluster cannot hold (Tune or Ray Train would wait for it forever).
+
+    A one-worker trial must fit on a single node. A multi-worker trial's `cpu` and `gpu` are
+    split over its workers; each worker must fit on a node and the nodes together must hold
+    all of them at once.
+    """
+    need = {"CPU": cpu / workers, "GPU": gpu / workers}
+    slots = 0
     for node in nodes:
-        if all(node["Resources"].get(k, 0.0) >= v for k, v in need.items() if v > 0):
-            return
+        # 1e-9: Ray's resource arithmetic is fixed-point; 0.25 * 4 must count as 1.
+        slots += min(int(node["Resources"].get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    if slots >= workers:
+        return
     listing = "; ".join(_describe(n) for n in nodes) or "no alive nodes"
+    if workers == 1:
+        asked = f"each trial asks for {cpu:g} CPU and {gpu:g} GPU (resources.cpu, resources.gpu), but no node"
+    else:
+        asked = (f"each trial runs {workers} workers of {need['CPU']:g} CPU and {need['GPU']:g} GPU "
+                 f"(resources.cpu and resources.gpu split over resources.workers), but the nodes")
     raise ClusterError(
-        f"resources: each trial asks for {cpu:g} CPU and {gpu:g} GPU (resources.cpu, "
-        f"resources.gpu), but no node of {where} has that much ({listing}). Lower "
-        "resources.gpu / resources.cpu (a fractional gpu such as 0.25 shares one GPU), or run "
-        "on a cluster with a node that large (--address)."
+        f"resources: {asked} of {where} can hold that ({listing}). Lower resources.gpu / "
+        "resources.cpu (a fractional gpu such as 0.25 shares one GPU) or resources.workers, or run "
+        "on a cluster with more room (--address)."
     )
 
 
@@ -184,6 +196,8 @@ def check_shared_paths(cfg: ExperimentConfig, nodes: list[dict[str, Any]], drive
     """Refuse local storage or data paths that some node of the cluster cannot see."""
     paths = [Path(storage_uri(cfg.search.storage_path))] if not is_uri(cfg.search.storage_path) else []
     paths.append(Path(cfg.dataset.cache_dir).expanduser().resolve())
+    # Trials spool what the tracking server missed here, and the driver delivers it at the end.
+    paths.append(Path(cfg.tracking.spool_dir).expanduser().resolve())
     others = [n for n in nodes if n["NodeID"] != driver_node]
     if not others:
         return  # every trial runs where this process runs: local paths are fine
@@ -191,11 +205,12 @@ def check_shared_paths(cfg: ExperimentConfig, nodes: list[dict[str, Any]], drive
     if unseen:
         detail = "; ".join(f"{node} does not see {', '.join(p)}" for node, p in unseen.items())
         raise ClusterError(
-            f"search.storage_path / dataset.cache_dir: this Ray cluster has {len(nodes)} nodes and "
-            f"its trials run on any of them, so Tune's checkpoints and the prepared data must be "
-            f"on storage every node sees. {detail}. Use a shared filesystem mounted at the same "
-            "path on every node (NFS, Lustre, ...), or put search.storage_path on object storage "
-            "(s3://bucket/prefix) and dataset.cache_dir on a shared mount."
+            f"search.storage_path / dataset.cache_dir / tracking.spool_dir: this Ray cluster has "
+            f"{len(nodes)} nodes and its trials run on any of them, so Tune's checkpoints, the "
+            f"prepared data and the tracking spool must be on storage every node sees. {detail}. "
+            "Use a shared filesystem mounted at the same path on every node (NFS, Lustre, ...), or "
+            "put search.storage_path on object storage (s3://bucket/prefix) and dataset.cache_dir "
+            "and tracking.spool_dir on a shared mount."
         )
 
 
@@ -220,12 +235,14 @@ def preflight(cfg: ExperimentConfig, address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and not ray.is_initialized():
         check_fits(cfg.resources.cpu, cfg.resources.gpu, [_local_node(cfg.resources.gpu > 0)],
-                   "the local Ray this sweep would start (no --address or RAY_ADDRESS given)")
+                   "the local Ray this sweep would start (no --address or RAY_ADDRESS given)",
+                   cfg.resources.workers)
         return
     started = connect(address)
     try:
         nodes = alive_nodes()
-        check_fits(cfg.resources.cpu, cfg.resources.gpu, nodes, f"the Ray cluster at {address or 'this process'}")
+        check_fits(cfg.resources.cpu, cfg.resources.gpu, nodes, f"the Ray cluster at {address or 'this process'}",
+                   cfg.resources.workers)
         check_shared_paths(cfg, nodes, ray.get_runtime_context().get_node_id())
     finally:
         if started:

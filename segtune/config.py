@@ -127,8 +127,25 @@ class SearchConfig(_Section):
 
 
 class ResourcesConfig(_Section):
+    """What one trial asks of the cluster. With `workers` > 1, `cpu` and `gpu` are the trial's
+    totals, split evenly over its data-parallel workers (segtune.distributed)."""
+
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
+    workers: int = Field(1, ge=1)
+    # DataLoader worker processes per trial worker; 0 loads batches in the training process
+    # (the store is memory-mapped, so there is nothing to decode), None picks from `cpu`.
+    loader_workers: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _per_worker(self) -> "ResourcesConfig":
+        if self.workers > 1 and self.gpu and (self.gpu / self.workers) > 1 and self.gpu % self.workers:
+            raise ValueError(f"gpu={self.gpu:g} does not split evenly over workers={self.workers}")
+        return self
+
+    def per_worker(self) -> dict[str, float]:
+        """One worker's share: {'CPU': ..., 'GPU': ...}."""
+        return {"CPU": self.cpu / self.workers, "GPU": self.gpu / self.workers}
 
 
 class TrackingConfig(_Section):

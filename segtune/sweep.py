@@ -9,6 +9,7 @@ one run per trial. After `fit()` the driver closes whatever a stopped trial coul
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +56,16 @@ def tune_space(space: dict[str, SearchDim]) -> dict[str, Any]:
     return {key: make[dim.kind](dim.args) for key, dim in space.items()}
 
 
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What Tune reserves for one trial. A multi-worker trial's Tune process only drives a
+    TorchTrainer, whose workers reserve `resources` themselves (segtune.distributed)."""
+    if cfg.resources.workers > 1:
+        # No CPU: a fraction held here would keep the workers' placement group from fitting on a
+        # node the trial fills exactly. Tune refuses an empty request; one byte of memory is not.
+        return {"cpu": 0, "gpu": 0, "memory": 1}
+    return {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+
+
 def max_epochs(cfg: ExperimentConfig) -> int:
     """The most epochs any trial can run: ASHA's `max_t`."""
     dim = cfg.search.space.get("train.epochs")
@@ -63,25 +74,17 @@ def max_epochs(cfg: ExperimentConfig) -> int:
     return int(max(dim.choice) if dim.choice is not None else dim.args[1])
 
 
-def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
-    """One Tune trial: the sampled params applied to the base config, then `run_trial`."""
-    import ray
-    from ray import tune
-
-    from segtune.train import TrialContext, run_trial
-    from tracking.runs import TrialRun
-
+def trial_client_env() -> None:
+    """Short MLflow client retries for this trial process (see _TRIAL_CLIENT_ENV)."""
     for key, value in _TRIAL_CLIENT_ENV.items():
         os.environ.setdefault(key, value)
-    cfg = apply_params(validate(base, "sweep config"), params)
-    tctx = tune.get_context()
-    trial_id, workdir = tctx.get_trial_id(), Path(tctx.get_trial_dir())
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_file = open(workdir / "trial.log", "a")
 
-    def log(line: str) -> None:
-        log_file.write(line + "\n")
-        log_file.flush()
+
+def open_tracker(cfg: ExperimentConfig, sweep: SweepContext, trial_id: str) -> Any:
+    """The trial's MLflow child run (reattached on a retry), tagged with where this attempt runs."""
+    import ray
+
+    from tracking.runs import TrialRun
 
     tracker = TrialRun.open(
         cfg.tracking.uri, cfg.tracking.experiment, sweep_id=sweep.sweep_id, trial_id=trial_id,
@@ -94,6 +97,35 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
     )
     # Where this attempt runs (a retried or resumed trial moves): set on every attempt.
     tracker.set_tags({"segtune.node": ray.get_runtime_context().get_node_id(), "segtune.pid": str(os.getpid())})
+    return tracker
+
+
+def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
+    """One Tune trial: the sampled params applied to the base config, then `run_trial`."""
+    from ray import tune
+
+    from segtune.train import TrialContext, run_trial
+
+    trial_client_env()
+    cfg = apply_params(validate(base, "sweep config"), params)
+    tctx = tune.get_context()
+    trial_id, workdir = tctx.get_trial_id(), Path(tctx.get_trial_dir())
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_file = open(workdir / "trial.log", "a")
+
+    def log(line: str) -> None:
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    if cfg.resources.workers > 1:
+        from segtune.distributed import run_distributed
+
+        try:
+            run_distributed(cfg, params, base, sweep, trial_id, log)
+        finally:
+            log_file.close()
+        return
+    tracker = open_tracker(cfg, sweep, trial_id)
     resume_from = _restorable(tune.get_checkpoint(), workdir / "restored", log)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
@@ -141,14 +173,28 @@ def _restorable(restored: Any, local: Path, log: Callable[[str], None]) -> Path 
 # Final Tune status of every trial, by sweep id, written by TrialProgress at the end. A module
 # global, not an attribute: on resume Tune brings back the callback pickled with the first run.
 FINAL_STATUSES: dict[str, dict[str, str]] = {}
+_REAP_EVERY_S = 2.0
 
 
 class TrialProgress(tune.Callback):
     """A compact progress line per trial event, instead of Tune's wide status table."""
 
-    def __init__(self, sweep_id: str, total: int, default_epochs: int, log: Callable[[str], None]):
+    def __init__(self, sweep_id: str, total: int, default_epochs: int, log: Callable[[str], None],
+                 multi_worker: bool = False):
         self.sweep_id, self.total, self.default_epochs, self.log = sweep_id, total, default_epochs, log
+        self.multi_worker, self._reaped_at = multi_worker, 0.0
         self._session()
+
+    def on_step_begin(self, iteration, trials, **info):  # noqa: ANN001
+        # Stopped multi-worker trials leave Ray Train's placement groups behind (segtune.distributed).
+        if self.multi_worker and time.monotonic() - self._reaped_at > _REAP_EVERY_S:
+            import ray
+
+            from segtune.distributed import release_orphaned_groups
+
+            self._reaped_at = time.monotonic()
+            if n := release_orphaned_groups(ray.get_runtime_context().get_job_id()):
+                self.log(f"  released {n} placement group(s) of stopped multi-worker trials")
 
     def _session(self) -> None:
         # Trials this driver session started, and how they ended. Tune marks the trials it stops
@@ -226,11 +272,10 @@ def run_sweep(cfg: ExperimentConfig, sweep: SweepContext, *, address: str | None
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(cfg),
                                    grace_period=s.grace_period, reduction_factor=s.reduction_factor)
                      if s.scheduler == "asha" else FIFOScheduler())
-        trainable = tune.with_resources(
-            tune.with_parameters(_trial, base=cfg.model_dump(), sweep=sweep),
-            {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
-        )
-        progress = TrialProgress(sweep.sweep_id, s.num_samples, cfg.train.epochs, log)
+        trainable = tune.with_resources(tune.with_parameters(_trial, base=cfg.model_dump(), sweep=sweep),
+                                        trial_resources(cfg))
+        progress = TrialProgress(sweep.sweep_id, s.num_samples, cfg.train.epochs, log,
+                                 multi_worker=cfg.resources.workers > 1)
         path = experiment_dir(cfg, sweep.sweep_id)
         if tune.Tuner.can_restore(path):
             log(f"resuming the Tune experiment in {path}")
@@ -243,8 +288,10 @@ def run_sweep(cfg: ExperimentConfig, sweep: SweepContext, *, address: str | None
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                         num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent,
                                         # A finished trial's worker runs the next one (the function
-                                        # trainable's reset_config): no new process, no re-import of torch.
-                                        reuse_actors=True),
+                                        # trainable's reset_config): no new process, no re-import of
+                                        # torch. Not for multi-worker trials: their driver outlives
+                                        # the last report while Ray Train stops its workers.
+                                        reuse_actors=cfg.resources.workers == 1),
             run_config=tune.RunConfig(
                 name=f"{cfg.name}-{sweep.sweep_id}", storage_path=storage_uri(s.storage_path),
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),

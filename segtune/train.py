@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 
 from segtune.cache import EmbeddingCache, for_trial, forward_batch
@@ -151,7 +152,9 @@ def train_epoch(model: Segmenter, loader: DataLoader, optimizer: torch.optim.Opt
         optimizer.zero_grad(set_to_none=True)
         total += loss.item() * len(batch["image"])
         n += len(batch["image"])
-    return total / max(n, 1)
+    # Every worker of a data-parallel trial saw its own shard: the mean is over all of them.
+    sums = accelerator.reduce(torch.tensor([total, float(n)], device=accelerator.device), "sum")
+    return (sums[0] / sums[1].clamp(min=1)).item()
 
 
 @torch.no_grad()
@@ -164,15 +167,21 @@ def evaluate(model: Segmenter, loader: DataLoader, accelerator: Accelerator) -> 
             logits = forward_batch(model, batch, accelerator.device)
         pred = masks_from_logits(logits.float())
         target = batch["mask"] > 0.5
-        dices.append(dice(pred, target).cpu())
-        ious.append(iou(pred, target).cpu())
+        # Per-image scores from every worker; gather_for_metrics drops the padding Accelerate
+        # adds to even out the last batch across workers.
+        scores = accelerator.gather_for_metrics(torch.stack([dice(pred, target), iou(pred, target)], dim=1))
+        dices.append(scores[:, 0].cpu())
+        ious.append(scores[:, 1].cpu())
     return {"dice": torch.cat(dices).mean().item(), "iou": torch.cat(ious).mean().item()}
 
 
 def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
     """Train, validate and test one configuration; returns the final metrics."""
     torch.manual_seed(cfg.train.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision)
+    # Some parameters of a trainable group get no gradient in a given step (e.g. SAM's mask-prompt
+    # embedding when prompts are points); DDP must be told, or a data-parallel step fails.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if cfg.train.loss not in LOSSES:
         raise ConfigError(f"train.loss: unknown loss {cfg.train.loss!r}; expected one of {', '.join(LOSSES)}")
     loss_fn = LOSSES[cfg.train.loss]

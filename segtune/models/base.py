@@ -29,8 +29,18 @@ class Segmenter(nn.Module):
     def parameter_groups(self, policy: str) -> list[nn.Parameter]:
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
-        return self.decode(self.encode(images), prompts, tuple(images.shape[-2:]))
+    def forward(self, images: torch.Tensor, prompts: PromptBatch,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits `(B,1,H,W)`. Given `embeddings` (what `encode(images)` returns, e.g. from
+        the embedding cache) the encoder is skipped. Training calls this, never `decode`
+        directly, so a DDP wrapper sees the step and averages gradients across workers."""
+        if embeddings is None:
+            embeddings = self.encode(images)
+        return self.decode_with_images(embeddings, images, prompts)
+
+    def decode_with_images(self, embeddings: torch.Tensor, images: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+        """Decode; a model whose decoder also reads the image (PA-SAM) overrides this."""
+        return self.decode(embeddings, prompts, tuple(images.shape[-2:]))
 
     def set_policy(self, policy: str) -> list[nn.Parameter]:
         """Freeze everything but the policy's parameters; return those."""

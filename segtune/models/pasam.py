@@ -99,9 +99,6 @@ class PaSamSegmenter(SamSegmenter):
             return list(self.parameters())
         raise ConfigError(f"model.train: PA-SAM has no policy {policy!r}; expected one of {', '.join(self.policies)}")
 
-    def forward(self, images: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
-        return self.decode_with_images(self.encode(images), images, prompts)
-
     def decode_with_images(self, embeddings: torch.Tensor, images: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
         """Decode (possibly cached) embeddings; the adapter needs the image itself beside them."""
         self._detail = image_and_gradient(images)

@@ -71,16 +71,16 @@ def test_a_trial_larger_than_every_node_is_refused(resources, needle, cluster_en
     assert runs_of(mlflow_server.uri, experiment) == [], "a refused sweep must open no run"
 
 
-def test_local_storage_a_node_cannot_see_is_refused(cluster_env, tmp_path, em_data, mlflow_server) -> None:
+@pytest.mark.parametrize("field", ["search.storage_path", "tracking.spool_dir"])
+def test_local_storage_a_node_cannot_see_is_refused(field, cluster_env, tmp_path, em_data, mlflow_server) -> None:
     if cluster_env.blind_dir is None:
         pytest.skip(f"no storage-blind node on this machine: {cluster_env.blind_skip_reason}")
-    storage = cluster_env.blind_dir / "ray_results"
+    storage = cluster_env.blind_dir / f"{field.split('.')[1]}-{tmp_path.name}"
     experiment = f"cluster-storage-{tmp_path.name}"
-    cfg = cluster_config(tmp_path, em_data, mlflow_server.uri, experiment,
-                         f"search.storage_path={storage}")
+    cfg = cluster_config(tmp_path, em_data, mlflow_server.uri, experiment, f"{field}={storage}")
     with pytest.raises(ClusterError, match="every node sees") as err:
         sweep(cfg, address=cluster_env.address, log=lambda _: None)
-    assert str(storage) in str(err.value) and "s3://" in str(err.value)
+    assert str(storage) in str(err.value) and field in str(err.value)
     assert runs_of(mlflow_server.uri, experiment) == []
 
 
@@ -103,6 +103,23 @@ def test_a_driver_without_the_cluster_token_is_refused(ray_cluster, tmp_path, em
 
 GPU_NODE = {"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.5", "Resources": {"CPU": 8.0, "GPU": 1.0}}
 CPU_NODE = {"NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.6", "Resources": {"CPU": 32.0}}
+
+
+@pytest.mark.parametrize("cpu, gpu, workers, fits", [
+    (2, 0, 2, True),      # one CPU per worker
+    (16, 2, 2, False),    # two workers of 8 CPU + 1 GPU: only the GPU node holds one
+    (8, 1, 1, True),
+    (32, 0, 2, True),     # 16 CPU each: both on the 32-CPU node
+    (64, 0, 4, False),    # 16 CPU each: two fit on the 32-CPU node, none on the 8-CPU one
+])
+def test_a_multi_worker_trial_must_fit_across_the_nodes(cpu, gpu, workers, fits) -> None:
+    from segtune.cluster import check_fits
+
+    if fits:
+        check_fits(cpu, gpu, [GPU_NODE, CPU_NODE], "the cluster", workers)
+    else:
+        with pytest.raises(ClusterError, match=f"runs {workers} workers of {cpu / workers:g} CPU"):
+            check_fits(cpu, gpu, [GPU_NODE, CPU_NODE], "the cluster", workers)
 
 
 @pytest.mark.parametrize("cpu, gpu, fits", [
