@@ -30,7 +30,12 @@ _add_data_commands()
 REPO = Path(__file__).resolve().parents[1]
 DEMO_FILES = [REPO / "experiments" / "demo.yaml", REPO / "experiments" / "demo_clipseg.yaml"]
 SetOpt = typer.Option(None, "--set", help="Override a field: --set train.lr=3e-4 (repeatable).")
-UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: the file's tracking.uri).")
+UriOpt = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the file's tracking.uri).")
+# The commands that read runs back take the server from --tracking-uri, $MLFLOW_TRACKING_URI or
+# the local default, as MLflow's own tools do.
+ServerUriOpt = typer.Option("http://127.0.0.1:5000", "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                            help="MLflow tracking URI (or $MLFLOW_TRACKING_URI).")
 HomeOpt = typer.Option(Path(".segtune/mlflow"), "--home", help="Folder of the local server's database and artifacts.")
 
 
@@ -72,7 +77,7 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file; with --re
 
 
 @app.command()
-def sync(tracking_uri: str = typer.Option("http://127.0.0.1:5000", "--tracking-uri", help="MLflow tracking URI."),
+def sync(tracking_uri: str = ServerUriOpt,
          spool: Path = typer.Option(Path(".segtune/spool"), "--spool", help="The spool folder (tracking.spool_dir).")) -> None:
     """Send what trials kept on disk while the tracking server was unreachable."""
     from tracking.server import check_server
@@ -104,7 +109,7 @@ def train(file: Path = typer.Argument(..., help="Experiment YAML file."),
 
 @app.command()
 def promote(experiment: str = typer.Argument(..., help="MLflow experiment name (the file's tracking.experiment)."),
-            tracking_uri: str = typer.Option("http://127.0.0.1:5000", "--tracking-uri", help="MLflow tracking URI."),
+            tracking_uri: str = ServerUriOpt,
             metric: str = typer.Option("val/dice_best", "--metric", help="Validation metric to select on."),
             mode: str = typer.Option("max", "--mode", help="max or min."),
             alias: str = typer.Option("champion", "--alias", help="Alias to move to the new version."),
@@ -119,7 +124,7 @@ def promote(experiment: str = typer.Argument(..., help="MLflow experiment name (
 
 @app.command()
 def runs(experiment: str = typer.Argument(..., help="MLflow experiment name."),
-         tracking_uri: str = typer.Option("http://127.0.0.1:5000", "--tracking-uri", help="MLflow tracking URI."),
+         tracking_uri: str = ServerUriOpt,
          sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep).")) -> None:
     """A table of a sweep's trials, read back from MLflow."""
     from segtune.report import print_runs

@@ -13,7 +13,8 @@ from typing import List, Optional
 import typer
 
 SetOpt = typer.Option(None, "--set", help="Override a field: --set eval.split=val (repeatable).")
-UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: the file's tracking.uri).")
+UriOpt = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the file's tracking.uri).")
 THESIS = Path(__file__).resolve().parents[1] / "experiments" / "thesis"
 
 
@@ -99,7 +100,7 @@ def report_command(
     experiments: Optional[List[Path]] = typer.Option(None, "--experiments", help="Experiment files or folders "
                                                      "(repeatable; default experiments/thesis)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for index.html, report.md and the figures."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: each "
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: each "
                                                "file's tracking.uri)."),
 ) -> None:
     """The thesis's results table with ours beside it (Markdown); with --out, HTML, plots and overlays."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -45,6 +46,15 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path: Path) -> None:
     assert time.time() - started < 60
     # Nothing started: no data prepared, no Ray results.
     assert not (tmp_path / ".segtune").exists()
+
+
+def test_mlflow_tracking_uri_from_the_environment_is_used(tmp_path: Path) -> None:
+    # As MLflow's own tools: without --tracking-uri, $MLFLOW_TRACKING_URI names the server.
+    uri = f"http://127.0.0.1:{closed_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    for args in (["runs", "demo"], ["sweep", str(DEMO)]):
+        res = subprocess.run([*SEGTUNE, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+        assert res.returncode == 1 and uri in res.stderr, (args, res.stderr)
 
 
 def test_wrong_config_key_names_file_and_field(tmp_path: Path) -> None:
