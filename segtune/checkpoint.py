@@ -11,7 +11,9 @@ config names, then loads the trained weights over it, strictly.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +32,89 @@ OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 
 
+class CheckpointWriter:
+    """Writes one epoch's checkpoint while the loop validates.
+
+    `start` copies the trainable weights and the optimizer state (the next step must not change
+    what is being written) and serialises them on a thread; `finish`, once the epoch's metrics
+    are known, waits for it, adds state.json and the manifest, and swaps the directory in whole,
+    so a crash mid-write never leaves a half checkpoint under the real name.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, model: Segmenter, optimizer: torch.optim.Optimizer | None) -> None:
+        if self._thread is not None:
+            raise RuntimeError("CheckpointWriter.start called twice without finish")
+        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.trainable_state().items()}
+        opt_state = _copied(optimizer.state_dict()) if optimizer is not None else None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self._error = None
+
+        def write() -> None:
+            try:
+                save_file(weights, str(self.tmp / WEIGHTS))
+                if opt_state is not None:
+                    torch.save(opt_state, self.tmp / OPTIMIZER)
+            except BaseException as err:  # re-raised on the loop's thread by finish()
+                self._error = err
+
+        self._thread = threading.Thread(target=write, name="segtune-checkpoint", daemon=True)
+        self._thread.start()
+
+    def finish(self, cfg: ExperimentConfig, state: dict[str, Any]) -> Path:
+        if self._thread is None:
+            raise RuntimeError("CheckpointWriter.finish called before start")
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        (self.tmp / STATE).write_text(json.dumps({**state, "config": cfg.model_dump()}, indent=2, default=float))
+        write_manifest(self.tmp)  # so a copy cut short in transit is recognised (first_intact)
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.tmp.rename(self.path)
+        return self.path
+
+
+def _copied(value: Any) -> Any:
+    """A copy of an optimizer state dict whose tensors the next step cannot change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: Path, model: Segmenter, optimizer: torch.optim.Optimizer | None,
                     cfg: ExperimentConfig, state: dict[str, Any]) -> Path:
     """Write a checkpoint directory (replacing one already there) and return its path."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(model.trainable_state(), str(tmp / WEIGHTS))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    (tmp / STATE).write_text(json.dumps({**state, "config": cfg.model_dump()}, indent=2, default=float))
-    write_manifest(tmp)  # so a copy cut short in transit is recognised (first_intact)
-    # Swap in whole, so a crash mid-write never leaves a half checkpoint under the real name.
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    writer = CheckpointWriter(path)
+    writer.start(model, optimizer)
+    return writer.finish(cfg, state)
+
+
+def link_copy(src: Path, dst: Path) -> None:
+    """Copy a checkpoint directory as hard links where the filesystem allows.
+
+    Checkpoint files are never rewritten in place (a new epoch's land in a new directory that
+    is renamed over the old), so a linked copy stays what it was when it was taken.
+    """
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # another filesystem, or links not supported
+            shutil.copy2(a, b)
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, copy_function=link)
 
 
 def read_state(path: Path) -> dict[str, Any]:

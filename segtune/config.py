@@ -72,11 +72,19 @@ class TrainConfig(_Section):
     seed: int = 0
     # "auto": decode from cached image embeddings when the policy freezes the encoder (segtune.cache).
     cache: Literal["auto", "off"] = "auto"
+    # torch.compile through Accelerate's dynamo backend: "inductor" generates fused kernels (worth
+    # it on GPUs for long trials; the first steps pay the compile), "eager" only traces.
+    compile: Literal["no", "inductor", "eager", "aot_eager"] = "no"
 
     @field_validator("cache", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # and a bare `no` too
 
 
 class SearchDim(_Section):

@@ -18,11 +18,12 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 
 from segtune.cache import EmbeddingCache, for_trial, forward_batch
-from segtune.checkpoint import load_optimizer, load_weights, read_state, save_checkpoint
+from segtune.checkpoint import CheckpointWriter, link_copy, load_optimizer, load_weights, read_state
 from segtune.config import ExperimentConfig
 from segtune.data import SegDataset, open_store
 from segtune.errors import ConfigError, TrainingError
@@ -92,10 +93,12 @@ def _with_foreground(ds: SegDataset) -> SegDataset:
 
 def _optimizer(cfg: ExperimentConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     t = cfg.train
+    # One fused kernel per step instead of a loop over tensors, where PyTorch has it (CUDA).
+    fused = {"fused": True} if torch.cuda.is_available() else {}
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
     return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
 
 
@@ -128,11 +131,27 @@ def make_loaders(cfg: ExperimentConfig, store: Path, log: Callable[[str], None] 
     train_collate = PromptCollate(p.train, cfg.train.seed, replace(opts, train=True))
     eval_collate = PromptCollate(p.eval, cfg.train.seed, opts)
     gen = torch.Generator().manual_seed(cfg.train.seed)
+    io = loader_options(cfg)
     train = DataLoader(splits["train"], batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
-                       collate_fn=train_collate, drop_last=len(splits["train"]) > cfg.train.batch_size)
-    val = DataLoader(splits["val"], batch_size=cfg.train.batch_size, collate_fn=eval_collate)
-    test = DataLoader(splits["test"], batch_size=cfg.train.batch_size, collate_fn=eval_collate)
+                       collate_fn=train_collate, drop_last=len(splits["train"]) > cfg.train.batch_size, **io)
+    val = DataLoader(splits["val"], batch_size=cfg.train.batch_size, collate_fn=eval_collate, **io)
+    test = DataLoader(splits["test"], batch_size=cfg.train.batch_size, collate_fn=eval_collate, **io)
     return train, val, test, train_collate
+
+
+def loader_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """DataLoader workers and pinning from the trial's resources.
+
+    The store is memory-mapped and nothing is decoded, so a batch costs little more than a
+    copy and drawing prompts: one CPU of a trial's share stays with the loop, the others (up
+    to 4) load batches; `resources.loader_workers` overrides. Workers are not persistent: the
+    collate function's epoch (which seeds training prompts) reaches them as each epoch starts.
+    Pinned memory only when there is a GPU to copy to.
+    """
+    workers = cfg.resources.loader_workers
+    if workers is None:
+        workers = max(0, min(4, int(cfg.resources.per_worker()["CPU"]) - 1))
+    return {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
 
 
 def train_epoch(model: Segmenter, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -175,13 +194,26 @@ def evaluate(model: Segmenter, loader: DataLoader, accelerator: Accelerator) -> 
     return {"dice": torch.cat(dices).mean().item(), "iou": torch.cat(ious).mean().item()}
 
 
+def _accelerator(cfg: ExperimentConfig) -> Accelerator:
+    """This trial's Accelerator, with its own precision and compile settings.
+
+    Accelerate keeps them in process-wide state that the first Accelerator fixes; a Tune worker
+    runs trial after trial (actor reuse), so that state is cleared first. The process group
+    (PartialState, set up by Ray Train for a data-parallel trial) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # Some parameters of a trainable group get no gradient in a given step (e.g. SAM's mask-prompt
+    # embedding when prompts are points); DDP must be told, or a data-parallel step fails.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision,
+                       dynamo_backend=cfg.train.compile,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
 def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
     """Train, validate and test one configuration; returns the final metrics."""
     torch.manual_seed(cfg.train.seed)
-    # Some parameters of a trainable group get no gradient in a given step (e.g. SAM's mask-prompt
-    # embedding when prompts are points); DDP must be told, or a data-parallel step fails.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = _accelerator(cfg)
     if cfg.train.loss not in LOSSES:
         raise ConfigError(f"train.loss: unknown loss {cfg.train.loss!r}; expected one of {', '.join(LOSSES)}")
     loss_fn = LOSSES[cfg.train.loss]
@@ -207,23 +239,24 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
         if ctx.tracker is not None:
             ctx.tracker.set_tags({"segtune.resumed_from_epoch": str(start_epoch)})
     model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(model, optimizer, train_dl, val_dl, test_dl)
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # checkpoint keys as the model names them
 
     metrics: dict[str, Any] = {}
+    writer = CheckpointWriter(ckpt_dir)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         train_collate.epoch = epoch
         loss = train_epoch(model, train_dl, optimizer, accelerator, loss_fn)
+        writer.start(raw_model, optimizer)  # the weights and optimizer state are written while validating
         val = evaluate(model, val_dl, accelerator)
         metrics = {"train/dice_loss": loss, "val/dice": val["dice"], "val/iou": val["iou"], "epoch": epoch}
         if val["dice"] > best["dice"]:
             best = {"dice": val["dice"], "epoch": epoch}
-        save_checkpoint(ckpt_dir, raw_model, optimizer, cfg, {"epoch": epoch, "metrics": metrics, "best": best})
+        writer.finish(cfg, {"epoch": epoch, "metrics": metrics, "best": best})
         if best["epoch"] == epoch:
-            shutil.rmtree(best_dir, ignore_errors=True)
-            shutil.copytree(ckpt_dir, best_dir)
+            link_copy(ckpt_dir, best_dir)
         else:
             # A trial restored elsewhere (a retry, a resumed sweep) must still test its best epoch.
-            shutil.copytree(best_dir, ckpt_dir / "best")
+            link_copy(best_dir, ckpt_dir / "best")
         ctx.log(f"epoch {epoch}/{cfg.train.epochs}: train/dice_loss={loss:.4f} "
                 f"val/dice={val['dice']:.4f} val/iou={val['iou']:.4f}")
         if ctx.tracker is not None:

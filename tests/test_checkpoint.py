@@ -280,3 +280,50 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_p
     assert first_intact([new, old], said.append) == old
     assert "damaged" in said[0] and "model.safetensors" in said[0]
     assert first_intact([new], said.append) is None
+
+
+def test_the_writer_saves_the_weights_and_optimizer_state_as_they_were_at_start(tmp_path: Path) -> None:
+    """The loop validates (and the next epoch may step) while the checkpoint is written."""
+    from segtune.checkpoint import CheckpointWriter
+
+    model, opt, cfg = _trained("mask_decoder")
+    want_w = {k: v.clone() for k, v in model.trainable_state().items()}
+    want_opt = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
+    writer = CheckpointWriter(tmp_path / "last")
+    writer.start(model, opt)
+    images, masks, prompts = _batch()
+    for _ in range(2):  # steps taken while the writer may still be writing
+        opt.zero_grad()
+        dice_loss(model(images, prompts), masks).backward()
+        opt.step()
+    path = writer.finish(cfg, {"epoch": 1})
+    got_w = load_file(str(path / WEIGHTS))
+    assert got_w.keys() == want_w.keys()
+    assert all(torch.equal(got_w[k], want_w[k]) for k in want_w)
+    assert any(not torch.equal(v, want_w[k]) for k, v in model.trainable_state().items()), "the steps changed nothing"
+    got_opt = torch.load(path / OPTIMIZER, weights_only=True)["state"]
+    for i, s in want_opt.items():
+        assert all(torch.equal(got_opt[i][k], v) for k, v in s.items())
+    assert not (tmp_path / "last.tmp").exists() and read_state(path)["epoch"] == 1
+
+
+def test_a_linked_best_copy_survives_the_next_epochs_checkpoint(tmp_path: Path) -> None:
+    from segtune.checkpoint import link_copy
+    from tracking.artifacts import verify_manifest, write_manifest
+
+    model, opt, cfg = _trained("mask_decoder")
+    last, best = tmp_path / "last", tmp_path / "best"
+    save_checkpoint(last, model, opt, cfg, {"epoch": 1})
+    link_copy(last, best)
+    kept = load_file(str(best / WEIGHTS))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    save_checkpoint(last, model, opt, cfg, {"epoch": 2})
+    link_copy(best, last / "best")
+    write_manifest(last)  # rewriting one copy's manifest must leave the other's valid
+    assert read_state(best)["epoch"] == 1
+    assert all(torch.equal(v, kept[k]) for k, v in load_file(str(best / WEIGHTS)).items())
+    verify_manifest(best)
+    verify_manifest(last)

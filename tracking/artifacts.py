@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from tracking.errors import TrackingError
@@ -28,7 +29,11 @@ def write_manifest(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in _files(folder)}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    (folder / MANIFEST).write_text(json.dumps({"files": files, "sha256": digest}, indent=2))
+    # Written beside and renamed over: the old manifest may be a hard link shared with another
+    # copy of the checkpoint (segtune.checkpoint.link_copy), which must not change with this one.
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files, "sha256": digest}, indent=2))
+    os.replace(tmp, folder / MANIFEST)
     return files
 
 
