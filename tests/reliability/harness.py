@@ -44,7 +44,7 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=120)
 
 
-def wait_for_metric(uri: str, experiment: str, key: str = "val/dice", timeout: float = 120) -> None:
+def wait_for_metric(uri: str, experiment: str, key: str = "val/dice", timeout: float = 300) -> None:
     """Block until some trial of the experiment has logged `key` (training is under way)."""
     client, deadline = MlflowClient(uri), time.time() + timeout
     while time.time() < deadline:
