@@ -54,3 +54,35 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, em_da
     run = client.get_run(run.info.run_id)
     assert int(run.data.tags["segtune.pid"]) != first_pid
     assert int(run.data.tags["segtune.resumed_from_epoch"]) >= 2
+
+
+def test_killed_rank_zero_of_a_multi_worker_trial_resumes_from_ray_trains_checkpoint(tmp_path, em_data,
+                                                                                    mlflow_server) -> None:
+    """A data-parallel trial (2 gloo workers) whose rank 0 dies: Tune retries the trial, and its new
+    TorchTrainer finds the checkpoints rank 0 reported under the sweep's storage."""
+    uri, name = mlflow_server.uri, "retry-multi-worker"
+    file = write_experiment(tmp_path, em_data, uri, name, samples=1, epochs=6, scheduler="fifo")
+    raw = yaml.safe_load(file.read_text())
+    raw["resources"] = {"cpu": 2, "workers": 2}
+    file.write_text(yaml.safe_dump(raw))
+    proc = start(file, cwd=tmp_path)
+    client = MlflowClient(uri)
+    deadline = time.time() + 300
+    # Ray Train's controller takes in a reported checkpoint when it next polls the workers, a
+    # couple of seconds later; with one-second epochs it may be an epoch or two behind the log.
+    while time.time() < deadline:
+        runs = trial_runs(uri, name)
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val/dice")) >= 3:
+            break
+        time.sleep(0.5)
+    run = trial_runs(uri, name)[0]
+    first_pid = int(run.data.tags["segtune.pid"])  # rank 0: the worker that logs
+    os.kill(first_pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    check_complete(uri, name, samples=1, epochs=6)
+    run = client.get_run(run.info.run_id)
+    assert run.data.tags["segtune.workers"] == "2"
+    assert int(run.data.tags["segtune.pid"]) != first_pid
+    # Restored from a checkpoint Ray Train had taken in, not started again from epoch 1.
+    assert int(run.data.tags["segtune.resumed_from_epoch"]) >= 1
