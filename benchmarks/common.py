@@ -46,4 +46,4 @@ def timed(out: dict, key: str) -> Iterator[None]:
 
 def verdict(name: str, ratio: float, goal: str, ok: bool, note: str = "") -> None:
     """The one line every benchmark ends with (RESULTS.md quotes it)."""
-    print(f"RESULT {name}: {ratio:.3g}x (goal {goal}) {'MET' if ok else 'MISSED'}{'; ' + note if note else ''}", flush=True)
+    print(f"RESULT {name}: {ratio:.3f}x (goal {goal}) {'MET' if ok else 'MISSED'}{'; ' + note if note else ''}", flush=True)
