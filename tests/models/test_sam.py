@@ -20,6 +20,7 @@ from segtune.losses import dice_loss
 from segtune.models import MODELS, build_model
 from segtune.models.sam import SAM_VARIANTS, SamSegmenter, build_sam_modules
 from segtune.prompts import PromptBatch
+from tests.models.test_registry import discs
 
 SAM_FAMILIES = [f for f in ("sam", "medsam", "pasam") if f in MODELS]
 REAL_SAM = sorted(v for v, spec in SAM_VARIANTS.items() if spec.checkpoint_file is not None)
@@ -35,19 +36,9 @@ def _model(family: str = "sam", policy: str = "full", checkpoint: str | None = N
 
 
 def _discs(h: int = 256, w: int = 256) -> tuple[torch.Tensor, torch.Tensor, PromptBatch]:
-    """Two uint8 images (B,1,H,W): a dark disc on grey; the mask is the disc; a point at its centre."""
-    yy, xx = np.mgrid[:h, :w]
-    images, masks, points = [], [], []
-    for cx, cy, r in ((0.4 * w, 0.45 * h, 0.16 * min(h, w)), (0.65 * w, 0.35 * h, 0.12 * min(h, w))):
-        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-        img = np.full((h, w), 128, np.uint8)
-        img[disc] = 30
-        images.append(img[None])
-        masks.append(disc[None].astype(np.float32))
-        points.append([[cx, cy]])
-    prompts = PromptBatch(points=torch.tensor(points, dtype=torch.float32),
-                          labels=torch.ones(2, 1, dtype=torch.int64))
-    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), prompts
+    """test_registry's two discs, with their centres as one positive point prompt each."""
+    images, masks, points = discs(h, w)
+    return images, masks, PromptBatch(points=points, labels=torch.ones(2, 1, dtype=torch.int64))
 
 
 def _box_prompts(masks: torch.Tensor) -> PromptBatch:
