@@ -256,6 +256,9 @@ def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: 
 
     check_names(cfg)
     check_writable(cfg, sweep=False)
+    if cfg.resources.workers > 1:
+        log(f"resources.workers={cfg.resources.workers} applies to sweeps (a Ray Train trainer per trial); "
+            "`segtune train` runs one process")
     tracker = None
     store, data_hash = prepare_data(cfg, log)
     if track:

@@ -52,3 +52,13 @@ def test_each_trial_gets_its_own_compile_setting_in_a_reused_process(tiny_config
     for mode in ("no", "eager", "inductor", "no"):
         acc = _accelerator(apply_params(tiny_config, {"train.compile": mode}))
         assert acc.state.dynamo_plugin.backend.value.lower() == mode
+
+
+def test_segtune_train_says_that_workers_apply_to_sweeps_and_runs_one_process(tiny_config, tmp_path: Path) -> None:
+    from segtune.launch import train_one
+
+    lines: list[str] = []
+    cfg = apply_params(tiny_config, {"resources.workers": 2, "resources.cpu": 2, "train.epochs": 1})
+    out = train_one(cfg, tmp_path / "w", track=False, log=lines.append)
+    assert any("resources.workers=2 applies to sweeps" in line for line in lines), lines
+    assert 0.0 <= out["test/iou"] <= 1.0
