@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from segtune.config import ExperimentConfig, validate
 from segtune.errors import CheckpointError
 from segtune.models import Segmenter, build_model, load_state_strict
-from tracking.artifacts import verify_manifest, write_manifest
+from tracking.artifacts import sha256_file, verify_manifest, write_manifest
 from tracking.errors import TrackingError
 
 WEIGHTS = "model.safetensors"
@@ -46,21 +46,24 @@ class CheckpointWriter:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._hashes: dict[str, str] = {}
 
     def start(self, model: Segmenter, optimizer: torch.optim.Optimizer | None) -> None:
         if self._thread is not None:
             raise RuntimeError("CheckpointWriter.start called twice without finish")
         weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.trainable_state().items()}
         opt_state = _copied(optimizer.state_dict()) if optimizer is not None else None
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self._error = None
+        self._error, self._hashes = None, {}
 
         def write() -> None:
             try:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp.mkdir(parents=True)
                 save_file(weights, str(self.tmp / WEIGHTS))
                 if opt_state is not None:
                     torch.save(opt_state, self.tmp / OPTIMIZER)
+                # Hashed here too, off the loop's thread, for the manifest finish() writes.
+                self._hashes = {p.name: sha256_file(p) for p in self.tmp.iterdir() if p.is_file()}
             except BaseException as err:  # re-raised on the loop's thread by finish()
                 self._error = err
 
@@ -75,7 +78,7 @@ class CheckpointWriter:
         if self._error is not None:
             raise self._error
         (self.tmp / STATE).write_text(json.dumps({**state, "config": cfg.model_dump()}, indent=2, default=float))
-        write_manifest(self.tmp)  # so a copy cut short in transit is recognised (first_intact)
+        write_manifest(self.tmp, self._hashes)  # so a copy cut short in transit is recognised (first_intact)
         shutil.rmtree(self.path, ignore_errors=True)
         self.tmp.rename(self.path)
         return self.path

@@ -24,10 +24,18 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path) -> dict[str, str]:
-    """Hash every file under `folder` into `folder/manifest.json`; return {relative path: sha256}."""
+def write_manifest(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """Hash every file under `folder` into `folder/manifest.json`; return {relative path: sha256}.
+
+    `known` holds hashes the caller already computed (relative path -> sha256), e.g. while it
+    wrote those files on another thread; they are not read again.
+    """
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in _files(folder)}
+    known = known or {}
+    files = {}
+    for p in _files(folder):
+        rel = p.relative_to(folder).as_posix()
+        files[rel] = known[rel] if rel in known else sha256_file(p)
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     # Written beside and renamed over: the old manifest may be a hard link shared with another
     # copy of the checkpoint (segtune.checkpoint.link_copy), which must not change with this one.
