@@ -16,6 +16,7 @@ checkpoint again (`ray.train.get_checkpoint`).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -82,7 +83,9 @@ def _worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     resume_from = None
     if restored is not None:
-        resume_from = first_intact([Path(restored.to_directory(str(workdir / "restored")))], log)
+        target = workdir / "restored"
+        shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's download on this node
+        resume_from = first_intact([Path(restored.to_directory(str(target)))], log)
 
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if rank == 0 else None
