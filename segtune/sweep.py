@@ -182,12 +182,12 @@ class TrialProgress(tune.Callback):
     def __init__(self, sweep_id: str, total: int, default_epochs: int, log: Callable[[str], None],
                  multi_worker: bool = False):
         self.sweep_id, self.total, self.default_epochs, self.log = sweep_id, total, default_epochs, log
-        self.multi_worker, self._reaped_at = multi_worker, 0.0
+        self.multi_worker = multi_worker
         self._session()
 
     def on_step_begin(self, iteration, trials, **info):  # noqa: ANN001
         # Stopped multi-worker trials leave Ray Train's placement groups behind (segtune.distributed).
-        if self.multi_worker and time.monotonic() - self._reaped_at > _REAP_EVERY_S:
+        if getattr(self, "multi_worker", False) and time.monotonic() - self._reaped_at > _REAP_EVERY_S:
             import ray
 
             from segtune.distributed import release_orphaned_groups
@@ -201,6 +201,7 @@ class TrialProgress(tune.Callback):
         # on Ctrl-C TERMINATED too; these sets tell a finished trial from an interrupted one.
         self.live: set[str] = set()
         self.ended: dict[str, str] = {}
+        self._reaped_at = 0.0
 
     def setup(self, **info):  # noqa: ANN001 — also runs when a restored sweep starts again
         self._session()
