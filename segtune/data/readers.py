@@ -9,7 +9,8 @@ an image and its mask into one :class:`~segtune.data.raw.DataProblems`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,26 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
+@contextmanager
+def _opened(path: Path, what: str) -> Iterator[Image.Image]:
+    """The loaded image file; a missing or damaged one becomes a DataError that names it.
+
+    `what` ("an image", "a mask") completes the message. A DataError raised by the caller's
+    own checks inside the block passes through unchanged.
+    """
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            yield handle
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; the file was listed but is gone.") from None
+    except Exception as exc:  # PIL raises many types for damaged files
+        raise DataError(f"{path}: unreadable as {what} ({type(exc).__name__}: {exc}); the "
+                        f"file may be truncated or not an image. Download it again.") from None
+
+
 def read_image(path: Path, channels: int) -> np.ndarray:
     """An 8-bit image as ``(H, W)`` uint8 (``channels`` 1) or ``(H, W, 3)`` (``channels`` 3).
 
@@ -31,22 +52,13 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     colour one; 16-bit and float images are refused, as choosing their intensity window is
     the user's decision.
     """
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            if handle.mode in _WIDE_MODES:
-                raise DataError(f"{path}: {handle.mode} pixels (16-bit or float); expected an "
-                                f"8-bit grey or RGB image. Convert it to 8 bit first (the "
-                                f"intensity window is up to you; segtune does not guess it).")
-            target = "L" if channels == 1 else "RGB"
-            return np.asarray(handle if handle.mode == target else handle.convert(target))
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; the file was listed but is gone.") from None
-    except Exception as exc:  # PIL raises many types for damaged files
-        raise DataError(f"{path}: unreadable as an image ({type(exc).__name__}: {exc}); the "
-                        f"file may be truncated or not an image. Download it again.") from None
+    with _opened(path, "an image") as handle:
+        if handle.mode in _WIDE_MODES:
+            raise DataError(f"{path}: {handle.mode} pixels (16-bit or float); expected an "
+                            f"8-bit grey or RGB image. Convert it to 8 bit first (the "
+                            f"intensity window is up to you; segtune does not guess it).")
+        target = "L" if channels == 1 else "RGB"
+        return np.asarray(handle if handle.mode == target else handle.convert(target))
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -56,29 +68,20 @@ def read_labels(path: Path) -> np.ndarray:
     must be grey stored as colour (all channels equal), as in datasets whose masks are
     black and white RGB PNGs.
     """
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            if handle.mode == "1":
-                return np.asarray(handle).astype(np.uint8)
-            if handle.mode in ("L", "P", *_WIDE_MODES):
-                return np.asarray(handle)
-            if handle.mode in ("LA", "RGB", "RGBA"):
-                pixels = np.asarray(handle)
-                colour = pixels[..., :3] if handle.mode != "LA" else pixels[..., :1]
-                if (colour != colour[..., :1]).any():
-                    raise DataError(f"{path}: a colour mask (its R, G and B differ); expected "
-                                    f"a black-and-white mask, grey or RGB with equal channels.")
-                return colour[..., 0]
-            raise DataError(f"{path}: a {handle.mode} image; expected a grey, 1-bit, palette "
-                            f"or black-and-white RGB mask.")
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; the file was listed but is gone.") from None
-    except Exception as exc:  # PIL raises many types for damaged files
-        raise DataError(f"{path}: unreadable as a mask ({type(exc).__name__}: {exc}); the "
-                        f"file may be truncated or not an image. Download it again.") from None
+    with _opened(path, "a mask") as handle:
+        if handle.mode == "1":
+            return np.asarray(handle).astype(np.uint8)
+        if handle.mode in ("L", "P", *_WIDE_MODES):
+            return np.asarray(handle)
+        if handle.mode in ("LA", "RGB", "RGBA"):
+            pixels = np.asarray(handle)
+            colour = pixels[..., :3] if handle.mode != "LA" else pixels[..., :1]
+            if (colour != colour[..., :1]).any():
+                raise DataError(f"{path}: a colour mask (its R, G and B differ); expected "
+                                f"a black-and-white mask, grey or RGB with equal channels.")
+            return colour[..., 0]
+        raise DataError(f"{path}: a {handle.mode} image; expected a grey, 1-bit, palette "
+                        f"or black-and-white RGB mask.")
 
 
 def binary_mask(values: np.ndarray, path: Path, what: str = "foreground") -> np.ndarray:
