@@ -145,7 +145,6 @@ class CachedSplit:
     def __init__(self, split: Any, file: Path):
         self.split, self.file = split, Path(file)
         self._emb: np.ndarray | None = None
-        self._rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.split)
@@ -155,15 +154,13 @@ class CachedSplit:
 
         if self._emb is None:
             self._emb = np.load(self.file, mmap_mode="r")
-            samples = json.loads((Path(self.split.path) / "index.json").read_text())["samples"]
-            self._rows = np.array([s["image"] for s in samples], dtype=np.int64)
         item = self.split[i]
-        row = self._rows[item["index"]]  # type: ignore[index]
+        row = self.split.image_row(item["index"])
         item["embedding"] = torch.from_numpy(np.asarray(self._emb[row], dtype=np.float32))
         return item
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_emb": None, "_rows": None}
+        return {**self.__dict__, "_emb": None}
 
 
 def build_or_open(model: Segmenter, store: Path, *, dtype: str = "float16", batch_size: int = 8,

@@ -59,7 +59,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from segtune.checkpoint import first_intact
-    from segtune.sweep import SweepContext, open_tracker, trial_client_env
+    from segtune.sweep import SweepContext, open_tracker, trial_client_env, trial_log
     from segtune.train import TrialContext, run_trial
 
     trial_client_env()
@@ -70,37 +70,28 @@ def _worker(config: dict[str, Any]) -> None:
     # Each rank writes its own checkpoints (DDP keeps the weights equal on every rank), so each
     # can test the best epoch's weights without fetching rank 0's; only rank 0's are reported.
     workdir = Path(tempfile.gettempdir()) / "segtune-train" / f"{sweep.sweep_id}-{trial_id}-rank{rank}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_file = open(workdir / "trial.log", "a")
-
-    def log(line: str) -> None:
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    tracker = open_tracker(cfg, sweep, trial_id) if rank == 0 else None
-    if tracker is not None:
-        tracker.set_tags({"segtune.workers": str(cfg.resources.workers)})
-    restored = ray.train.get_checkpoint()
-    resume_from = None
-    if restored is not None:
-        target = workdir / "restored"
-        shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's download on this node
-        resume_from = first_intact([Path(restored.to_directory(str(target)))], log)
-
-    def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-    try:
-        run_trial(cfg, TrialContext(store=Path(sweep.store), workdir=workdir, tracker=tracker,
-                                    report=report, resume_from=resume_from, log=log))
-    except BaseException as err:
+    with trial_log(workdir) as log:
+        tracker = open_tracker(cfg, sweep, trial_id) if rank == 0 else None
         if tracker is not None:
-            tracker.set_tags({"segtune.error": f"{err.__class__.__name__}: {err}"[:5000]})
-            tracker.finish("FAILED")
-        raise
-    finally:
-        log_file.close()
+            tracker.set_tags({"segtune.workers": str(cfg.resources.workers)})
+        restored = ray.train.get_checkpoint()
+        resume_from = None
+        if restored is not None:
+            target = workdir / "restored"
+            shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's download on this node
+            resume_from = first_intact([Path(restored.to_directory(str(target)))], log)
+
+        def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
+            ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt)
+
+        try:
+            run_trial(cfg, TrialContext(store=Path(sweep.store), workdir=workdir, tracker=tracker,
+                                        report=report, resume_from=resume_from, log=log))
+        except BaseException as err:
+            if tracker is not None:
+                tracker.fail(err)
+            raise
 
 
 def release_orphaned_groups(job_id: str) -> int:

@@ -225,8 +225,7 @@ def score_and_log(cfg: ExperimentConfig, model: Segmenter, *, store: Path, data_
             log_folder(run, Path(tmp), "overlays")
         run.finish("FINISHED")
     except BaseException as err:
-        run.set_tags({"segtune.error": f"{err.__class__.__name__}: {err}"[:5000]})
-        run.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        run.fail(err)
         raise
     return EvalResult(metrics, run.run_id, [Path(p.name) for p in paths])
 

@@ -273,8 +273,7 @@ def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: 
         return run_trial(cfg, TrialContext(store=store, workdir=workdir, tracker=tracker, log=log))
     except BaseException as err:
         if tracker is not None:
-            tracker.set_tags({"segtune.error": f"{err.__class__.__name__}: {err}"[:5000]})
-            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            tracker.fail(err)
         raise
 
 

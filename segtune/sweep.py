@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ray import tune
 
@@ -100,6 +101,19 @@ def open_tracker(cfg: ExperimentConfig, sweep: SweepContext, trial_id: str) -> A
     return tracker
 
 
+@contextmanager
+def trial_log(workdir: Path) -> Iterator[Callable[[str], None]]:
+    """A function that appends a line to `workdir/trial.log` at once (a killed trial keeps its log)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "trial.log", "a") as file:
+
+        def log(line: str) -> None:
+            file.write(line + "\n")
+            file.flush()
+
+        yield log
+
+
 def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
     """One Tune trial: the sampled params applied to the base config, then `run_trial`."""
     from ray import tune
@@ -110,41 +124,29 @@ def _trial(params: dict[str, Any], *, base: dict, sweep: SweepContext) -> None:
     cfg = apply_params(validate(base, "sweep config"), params)
     tctx = tune.get_context()
     trial_id, workdir = tctx.get_trial_id(), Path(tctx.get_trial_dir())
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_file = open(workdir / "trial.log", "a")
+    with trial_log(workdir) as log:
+        if cfg.resources.workers > 1:
+            from segtune.distributed import run_distributed
 
-    def log(line: str) -> None:
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    if cfg.resources.workers > 1:
-        from segtune.distributed import run_distributed
-
-        try:
             run_distributed(cfg, params, base, sweep, trial_id, log)
-        finally:
-            log_file.close()
-        return
-    tracker = open_tracker(cfg, sweep, trial_id)
-    resume_from = _restorable(tune.get_checkpoint(), workdir / "restored", log)
+            return
+        tracker = open_tracker(cfg, sweep, trial_id)
+        resume_from = _restorable(tune.get_checkpoint(), workdir / "restored", log)
 
-    def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
-    ctx = TrialContext(store=Path(sweep.store), workdir=workdir, tracker=tracker, report=report,
-                       resume_from=resume_from, log=log)
-    try:
-        run_trial(cfg, ctx)
-    except SystemExit:
-        # Tune stops a trial by raising SystemExit inside report(): ASHA pruned it, or the sweep is
-        # being interrupted. Only the driver knows which, so it closes the run (launch.sweep).
-        raise
-    except BaseException as err:
-        tracker.set_tags({"segtune.error": f"{err.__class__.__name__}: {err}"[:5000]})
-        tracker.finish("FAILED")
-        raise
-    finally:
-        log_file.close()
+        ctx = TrialContext(store=Path(sweep.store), workdir=workdir, tracker=tracker, report=report,
+                           resume_from=resume_from, log=log)
+        try:
+            run_trial(cfg, ctx)
+        except SystemExit:
+            # Tune stops a trial by raising SystemExit inside report(): ASHA pruned it, or the sweep
+            # is being interrupted. Only the driver knows which, so it closes the run (launch.sweep).
+            raise
+        except BaseException as err:
+            tracker.fail(err)
+            raise
 
 
 def _restorable(restored: Any, local: Path, log: Callable[[str], None]) -> Path | None:

@@ -174,6 +174,12 @@ class TrialRun:
         self._send({"type": "artifacts", "local_dir": str(path), "artifact_path": artifact_path},
                    lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
 
+    def fail(self, err: BaseException) -> None:
+        """End the run because of `err`: the reason as tag `segtune.error`, status KILLED for
+        Ctrl-C, else FAILED."""
+        self.set_tags({"segtune.error": f"{err.__class__.__name__}: {err}"[:5000]})
+        self.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         self._send({"type": "terminate", "status": status}, lambda: self.client.set_terminated(self.run_id, status))

@@ -272,6 +272,12 @@ class SegDataset(Dataset):
         mask = torch.from_numpy(self._masks[sample].astype(np.float32))[None]
         return {"image": image, "mask": mask, "index": sample, "text": self._texts[sample]}
 
+    def image_row(self, sample: int) -> int:
+        """The row of images.npy that store sample `sample` (an item's ``index``) was cut from."""
+        if self._rows is None:
+            self._open()
+        return int(self._rows[sample])  # type: ignore[index]
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_images": None, "_masks": None, "_rows": None,
                 "_texts": None}
