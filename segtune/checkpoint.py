@@ -1,9 +1,11 @@
 """Trial checkpoints: trainable weights as safetensors, optimizer state, epoch and the config used.
 
 A checkpoint directory holds:
-  model.safetensors   the parameters the policy trains (the rest comes from the base model)
-  optimizer.pt        the optimizer's state dict (read back with `weights_only=True`)
-  state.json          epoch, metrics, best-so-far, and the whole experiment config
+  model.safetensors      the parameters the policy trains (the rest comes from the base model)
+  optimizer.safetensors  the optimizer's state tensors; its param groups in the file's metadata
+  state.json             epoch, metrics, best-so-far, and the whole experiment config
+Checkpoints written before optimizer.safetensors hold `optimizer.pt` (a `torch.save`d state
+dict) instead; it is still read, with `weights_only=True`.
 A checkpoint is therefore enough to rebuild the model: `load_model` builds the base model the
 config names, then loads the trained weights over it, strictly.
 """
@@ -18,25 +20,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from segtune.config import ExperimentConfig, validate
 from segtune.errors import CheckpointError
 from segtune.models import Segmenter, build_model, load_state_strict
-from tracking.artifacts import sha256_file, verify_manifest, write_manifest
+from segtune.tensorfile import Packed, pack
+from tracking.artifacts import verify_manifest, write_manifest
 from tracking.errors import TrackingError
 
 WEIGHTS = "model.safetensors"
-OPTIMIZER = "optimizer.pt"
+OPTIMIZER = "optimizer.safetensors"
+LEGACY_OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
+OPTIMIZER_META = "segtune.optimizer"  # optimizer.safetensors' metadata key: param groups, non-tensor state
 
 
 class CheckpointWriter:
     """Writes one epoch's checkpoint while the loop validates.
 
-    `start` copies the trainable weights and the optimizer state (the next step must not change
-    what is being written) and serialises them on a thread; `finish`, once the epoch's metrics
+    `start` copies the trainable weights and the optimizer state, already laid out as the files'
+    bytes (the next step must not change what is being written), and writes them on a thread;
+    `finish`, once the epoch's metrics
     are known, waits for it, adds state.json and the manifest, and swaps the directory in whole,
     so a crash mid-write never leaves a half checkpoint under the real name.
     """
@@ -51,19 +57,18 @@ class CheckpointWriter:
     def start(self, model: Segmenter, optimizer: torch.optim.Optimizer | None) -> None:
         if self._thread is not None:
             raise RuntimeError("CheckpointWriter.start called twice without finish")
-        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.trainable_state().items()}
-        opt_state = _copied(optimizer.state_dict()) if optimizer is not None else None
+        # The copy is taken here, as the files' bytes (segtune.tensorfile); the thread only writes.
+        files = {WEIGHTS: pack(model.trainable_state())}
+        if optimizer is not None:
+            files[OPTIMIZER] = _pack_optimizer(optimizer)
         self._error, self._hashes = None, {}
 
         def write() -> None:
             try:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 self.tmp.mkdir(parents=True)
-                save_file(weights, str(self.tmp / WEIGHTS))
-                if opt_state is not None:
-                    torch.save(opt_state, self.tmp / OPTIMIZER)
-                # Hashed here too, off the loop's thread, for the manifest finish() writes.
-                self._hashes = {p.name: sha256_file(p) for p in self.tmp.iterdir() if p.is_file()}
+                # Hashed as written, off the loop's thread, for the manifest finish() writes.
+                self._hashes = {name: packed.write(self.tmp / name) for name, packed in files.items()}
             except BaseException as err:  # re-raised on the loop's thread by finish()
                 self._error = err
 
@@ -84,15 +89,36 @@ class CheckpointWriter:
         return self.path
 
 
-def _copied(value: Any) -> Any:
-    """A copy of an optimizer state dict whose tensors the next step cannot change."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copied(v) for v in value)
-    return value
+def _pack_optimizer(optimizer: torch.optim.Optimizer) -> Packed:
+    """The optimizer's state dict as one safetensors file: state tensors named
+    "<param index>.<name>", param groups and any non-tensor state in the metadata."""
+    sd = optimizer.state_dict()
+    tensors, values = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            (tensors if isinstance(value, torch.Tensor) else values)[f"{index}.{name}"] = value
+    meta = json.dumps({"param_groups": sd["param_groups"], "values": values})
+    return pack(tensors, {OPTIMIZER_META: meta})
+
+
+def _read_optimizer(f: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer.safetensors file back as a state dict for `optimizer`."""
+    with safe_open(str(f), "pt") as handle:
+        meta = json.loads((handle.metadata() or {})[OPTIMIZER_META])
+        state: dict[int, dict[str, Any]] = {}
+        for key in handle.keys():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = handle.get_tensor(key)
+    for key, value in meta["values"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = meta["param_groups"]
+    # JSON has no tuples; give back the ones the optimizer keeps as tuples (Adam's betas).
+    for saved, live in zip(groups, optimizer.param_groups):
+        for k, v in saved.items():
+            if isinstance(live.get(k), tuple) and isinstance(v, list):
+                saved[k] = tuple(v)
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(path: Path, model: Segmenter, optimizer: torch.optim.Optimizer | None,
@@ -145,15 +171,19 @@ def load_weights(path: Path, model: Segmenter) -> None:
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> bool:
     """Restore optimizer state if the checkpoint has it; True when it did."""
-    f = Path(path) / OPTIMIZER
-    if not f.is_file():
+    f, legacy = Path(path) / OPTIMIZER, Path(path) / LEGACY_OPTIMIZER
+    if not f.is_file() and not legacy.is_file():
         return False
     try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated, or a pickle that is more than tensors
+        if f.is_file():
+            state = _read_optimizer(f, optimizer)
+        else:
+            f = legacy
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state)
+    except Exception as err:  # corrupt, truncated, another optimizer's, or a pickle that is more than tensors
         raise CheckpointError(f"{f}: cannot read the optimizer state ({err.__class__.__name__}: "
                               f"{(str(err).splitlines() or [''])[0][:200]}).") from None
-    optimizer.load_state_dict(state)
     return True
 
 

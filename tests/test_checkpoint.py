@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from segtune.checkpoint import (
+    LEGACY_OPTIMIZER,
     OPTIMIZER,
     STATE,
     WEIGHTS,
@@ -223,19 +224,42 @@ class _NotATensor:
     pass
 
 
-@pytest.mark.parametrize("content", ["garbage", "pickled_object"])
+@pytest.mark.parametrize("content", ["garbage", "truncated", "another_model", "legacy_garbage", "legacy_pickled_object"])
 def test_unreadable_optimizer_state_is_a_checkpoint_error_naming_the_file(decoder_ckpt: Path, tmp_path: Path,
                                                                           content: str) -> None:
     path = _copy(decoder_ckpt, tmp_path)
+    bad = path / OPTIMIZER
     if content == "garbage":
-        (path / OPTIMIZER).write_bytes(np.random.default_rng(0).bytes(256))
-    else:
-        torch.save({"state": {}, "param_groups": [], "x": _NotATensor()}, path / OPTIMIZER)
+        bad.write_bytes(np.random.default_rng(0).bytes(256))
+    elif content == "truncated":
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    elif content == "another_model":  # a mask_decoder checkpoint's state given to a full model's optimizer
+        pass
+    else:  # a checkpoint from before optimizer.safetensors, damaged
+        bad.unlink()
+        bad = path / LEGACY_OPTIMIZER
+        if content == "legacy_garbage":
+            bad.write_bytes(np.random.default_rng(0).bytes(256))
+        else:
+            torch.save({"state": {}, "param_groups": [], "x": _NotATensor()}, bad)
     model, _ = load_model(path)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    params = model.parameters() if content == "another_model" else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params)
     with pytest.raises(CheckpointError) as exc:
         load_optimizer(path, opt)
-    assert str(path / OPTIMIZER) in str(exc.value)
+    assert str(bad) in str(exc.value)
+
+
+def test_an_older_checkpoints_optimizer_pt_still_restores(decoder_ckpt: Path, tmp_path: Path) -> None:
+    """Checkpoints written before optimizer.safetensors hold a torch.save'd state dict."""
+    model, opt, _ = _trained("mask_decoder")
+    path = _copy(decoder_ckpt, tmp_path)
+    (path / OPTIMIZER).unlink()
+    torch.save(opt.state_dict(), path / LEGACY_OPTIMIZER)
+    fresh = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert load_optimizer(path, fresh) is True
+    got = fresh.state_dict()["state"]
+    assert all(torch.equal(got[i][k], v) for i, s in opt.state_dict()["state"].items() for k, v in s.items())
 
 
 def _torch_load_calls(tree: ast.AST) -> list[ast.Call]:
@@ -301,9 +325,11 @@ def test_the_writer_saves_the_weights_and_optimizer_state_as_they_were_at_start(
     assert got_w.keys() == want_w.keys()
     assert all(torch.equal(got_w[k], want_w[k]) for k in want_w)
     assert any(not torch.equal(v, want_w[k]) for k, v in model.trainable_state().items()), "the steps changed nothing"
-    got_opt = torch.load(path / OPTIMIZER, weights_only=True)["state"]
+    got_opt = {i: {k: v for k, v in load_file(str(path / OPTIMIZER)).items() if k.startswith(f"{i}.")}
+               for i in want_opt}
     for i, s in want_opt.items():
-        assert all(torch.equal(got_opt[i][k], v) for k, v in s.items())
+        assert {f"{i}.{k}" for k in s} == got_opt[i].keys()
+        assert all(torch.equal(got_opt[i][f"{i}.{k}"], v) for k, v in s.items())
     assert not (tmp_path / "last.tmp").exists() and read_state(path)["epoch"] == 1
 
 

@@ -39,7 +39,7 @@ def test_run_trial_logs_metrics_checkpoint_and_manifest(tiny_config, tmp_path: P
     assert run.data.tags["segtune.data_hash"] == data_hash
 
     names = {Path(a.path).name for a in client.list_artifacts(tracker.run_id, "checkpoints/best")}
-    assert {"model.safetensors", "state.json", "optimizer.pt", "manifest.json"} <= names
+    assert {"model.safetensors", "state.json", "optimizer.safetensors", "manifest.json"} <= names
     local = Path(client.download_artifacts(tracker.run_id, "checkpoints/best", str(tmp_path / "dl")))
     assert len(verify_manifest(local)) == 64
     state = json.loads((local / "state.json").read_text())
