@@ -278,7 +278,8 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
 def _finish(cfg: ExperimentConfig, ctx: TrialContext, model: Segmenter, best: dict, best_dir: Path,
             test_dl: DataLoader, accelerator: Accelerator) -> dict[str, float]:
     """Score the best epoch's checkpoint on the test split, log it, close the run."""
-    load_weights(best_dir, model)
+    if best["epoch"] != cfg.train.epochs:  # when the last epoch is the best, the model holds it already
+        load_weights(best_dir, model)
     test = evaluate(model, test_dl, accelerator)
     out = {"val/dice_best": best["dice"], "best_epoch": best["epoch"],
            "test/dice": test["dice"], "test/iou": test["iou"]}
