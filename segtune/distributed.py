@@ -16,6 +16,7 @@ checkpoint again (`ray.train.get_checkpoint`).
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -92,6 +93,26 @@ def _worker(config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.fail(err)
             raise
+        finally:
+            _drop_working_copies(workdir, log)
+
+
+def _drop_working_copies(workdir: Path, log: Callable[[str], None]) -> None:
+    """Remove a rank's local checkpoints once its loop has ended; keep its trial.log.
+
+    They are working copies: rank 0's were copied to Ray Train's storage as each was reported,
+    the other ranks' are never used after the run. Left in the node's temp folder they would
+    take two checkpoints' worth of disk per rank and trial. The log gets the final weights'
+    sha256 first (from the checkpoint's manifest): every rank of a healthy data-parallel trial
+    prints the same one.
+    """
+    manifest = workdir / "checkpoints" / "last" / "manifest.json"
+    try:
+        log(f"final weights sha256 {json.loads(manifest.read_text())['files']['model.safetensors']}")
+    except (OSError, KeyError, ValueError):
+        pass  # stopped or failed before its first checkpoint
+    for folder in ("checkpoints", "restored"):
+        shutil.rmtree(workdir / folder, ignore_errors=True)
 
 
 def release_orphaned_groups(job_id: str) -> int:
