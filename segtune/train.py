@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -277,18 +278,24 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
 
 def _finish(cfg: ExperimentConfig, ctx: TrialContext, model: Segmenter, best: dict, best_dir: Path,
             test_dl: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Score the best epoch's checkpoint on the test split, log it, close the run."""
-    if best["epoch"] != cfg.train.epochs:  # when the last epoch is the best, the model holds it already
-        load_weights(best_dir, model)
-    test = evaluate(model, test_dl, accelerator)
+    """Score the best epoch's checkpoint on the test split, log it, close the run.
+
+    The best checkpoint uploads while the test split is scored (on a GPU the two use different
+    hardware); nothing else talks to the tracker until the upload is done.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="segtune-upload") as pool:
+        upload = pool.submit(ctx.tracker.log_checkpoint, best_dir) if ctx.tracker is not None else None
+        if best["epoch"] != cfg.train.epochs:  # when the last epoch is the best, the model holds it already
+            load_weights(best_dir, model)
+        test = evaluate(model, test_dl, accelerator)
     out = {"val/dice_best": best["dice"], "best_epoch": best["epoch"],
            "test/dice": test["dice"], "test/iou": test["iou"]}
     ctx.log(f"best epoch {best['epoch']}: val/dice={best['dice']:.4f}; test/iou={test['iou']:.4f} "
             f"test/dice={test['dice']:.4f}")
     if ctx.tracker is not None:
+        upload.result()  # raises what the upload raised
         ctx.tracker.log_metrics({k: float(v) for k, v in out.items()}, step=cfg.train.epochs)
         ctx.tracker.flush()
-        ctx.tracker.log_checkpoint(best_dir)
         from segtune.evaluate import log_overlays  # the best checkpoint's masks on the first test samples
 
         log_overlays(model, test_dl, ctx.tracker, cfg.eval.overlays)
