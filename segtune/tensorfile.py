@@ -3,9 +3,10 @@
 `pack` lays every tensor's bytes end to end in one buffer (one `torch.cat`, one copy to the
 host) under the safetensors header that describes them. That buffer is a snapshot: the next
 optimizer step cannot change it. `Packed.write` is then plain file I/O and hashing, which
-release the GIL, so a checkpoint thread costs the training loop almost nothing. (Writing
-with `safetensors.torch.save_file` or `torch.save` instead holds the GIL for every tensor:
-measured 17 ms of a tiny SAM's 18 ms per-epoch checkpoint, see benchmarks/RESULTS.md.)
+release the GIL, so a checkpoint thread costs the training loop little. (Writing with
+`safetensors.torch.save_file` and `torch.save` instead holds the GIL tensor by tensor: for a
+tiny SAM's full-policy checkpoint, 173 weights and 519 Adam tensors, that was 17 ms of CPU an
+epoch fighting the loop for the GIL, and 27 ms per checkpoint in all; packed, 13 ms.)
 
 The files are ordinary safetensors files; `safetensors.torch.load_file` reads them.
 """
@@ -62,7 +63,10 @@ def pack(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = Non
         offset += raw.numel()
     if len({p.device for p in parts}) > 1:
         parts = [p.cpu() for p in parts]
-    # cat always allocates, so even all-CPU tensors are copied: the snapshot is ours alone.
+    # cat always allocates, so even all-CPU tensors are copied: the snapshot is ours alone. On a
+    # GPU the buffer is made there first (one transfer instead of hundreds); it is taken between
+    # training and validation, when the allocator holds the epoch's freed activations, which
+    # outweigh the weights and optimizer state it needs.
     data = torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.uint8)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
