@@ -4,6 +4,10 @@ Three figures: full fine-tune steps (encoder + decoder trained), decoder-only st
 embeddings held on the GPU, zero-shot evaluation (encoder + decoder, no grad). FLOPs per step
 are counted once with torch's FlopCounterMode; the share is achieved FLOP/s over the card's
 peak dense bf16 rate (H100 SXM: 989 TFLOP/s; override with PEAK_TFLOPS).
+
+Settings by environment: FULL_BATCH, DECODER_BATCH, EVAL_BATCH, BENCH_SECONDS (per figure),
+COMPILE=1. BENCH_DEVICE=cpu SAM_VARIANT=tiny is the dry run `make test` does
+(tests/test_gpu_bench_dry_run.py), so the script is known to run before a GPU's minutes are spent.
 """
 
 from __future__ import annotations
@@ -20,73 +24,82 @@ from segtune.models.sam import SAM_VARIANTS, SamSegmenter, build_sam_modules
 from segtune.prompts import PromptBatch
 
 PEAK = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12
-DEV = torch.device("cuda")
+DEV = torch.device(os.environ.get("BENCH_DEVICE", "cuda"))
+VARIANT = os.environ.get("SAM_VARIANT", "vit_b")
+SIZE = SAM_VARIANTS[VARIANT].image_size
+SECONDS = float(os.environ.get("BENCH_SECONDS", "40"))
+FUSED = {"fused": True} if DEV.type == "cuda" else {}
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def batch(n: int):
-    images = torch.randint(0, 255, (n, 3, 1024, 1024), dtype=torch.uint8, device=DEV)
-    prompts = PromptBatch(points=torch.full((n, 1, 2), 512.0, device=DEV), labels=torch.ones(n, 1, dtype=torch.long, device=DEV))
-    mask = torch.zeros(n, 1, 1024, 1024, device=DEV)
-    mask[..., 400:600, 400:600] = 1
+    images = torch.randint(0, 255, (n, 3, SIZE, SIZE), dtype=torch.uint8, device=DEV)
+    prompts = PromptBatch(points=torch.full((n, 1, 2), SIZE / 2, device=DEV), labels=torch.ones(n, 1, dtype=torch.long, device=DEV))
+    mask = torch.zeros(n, 1, SIZE, SIZE, device=DEV)
+    mask[..., SIZE * 2 // 5:SIZE * 3 // 5, SIZE * 2 // 5:SIZE * 3 // 5] = 1
     return images, prompts, mask
 
 
-def measure(name: str, step, n: int, seconds: float = 40.0) -> None:
+def measure(name: str, step, n: int, seconds: float = SECONDS) -> None:
     for _ in range(3):  # warm-up (cuDNN/cuBLAS autotuning, allocator)
         step()
-    torch.cuda.synchronize()
+    sync()
     with FlopCounterMode(display=False) as fc:
         step()
     flops = fc.get_total_flops()
-    torch.cuda.synchronize()
+    sync()
     t, steps = time.perf_counter(), 0
-    while time.perf_counter() - t < seconds:
+    while time.perf_counter() - t < seconds or steps == 0:
         step()
         steps += 1
-    torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - t) / steps
-    print(f"RESULT gpu {name}: {n / dt:.1f} images/s, {flops / dt / 1e12:.1f} TFLOP/s = "
-          f"{100 * flops / dt / PEAK:.1f}% of peak bf16 ({flops / n / 1e9:.0f} GFLOP/image)", flush=True)
+    print(f"RESULT {DEV.type} {VARIANT} {name}: {n / dt:.1f} images/s, {flops / dt / 1e12:.3g} TFLOP/s = "
+          f"{100 * flops / dt / PEAK:.1f}% of peak bf16 ({flops / n / 1e9:.3g} GFLOP/image)", flush=True)
 
 
 def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     loss_fn = LOSSES["dice"]
-    model = SamSegmenter(build_sam_modules(SAM_VARIANTS["vit_b"])).to(DEV)
+    model = SamSegmenter(build_sam_modules(SAM_VARIANTS[VARIANT])).to(DEV)
     compile_ = os.environ.get("COMPILE") == "1"
 
     # Full fine-tune: the memory-bound case; batch 4 of 1024^2 fits an H100 in bf16 autocast.
     model.set_policy("full")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **FUSED)
     fwd = torch.compile(model) if compile_ else model
     images, prompts, mask = batch(int(os.environ.get("FULL_BATCH", "4")))
 
     def full_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
             loss = loss_fn(fwd(images, prompts).float(), mask)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    measure("vit_b full fine-tune", full_step, len(images))
+    measure("full fine-tune", full_step, len(images))
     del opt
 
     # Decoder-only on cached embeddings held on the GPU (what a cached trial does each step).
     model.set_policy("mask_decoder")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **FUSED)
     n = int(os.environ.get("DECODER_BATCH", "32"))
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16):
         emb = model.encode(batch(1)[0]).expand(n, -1, -1, -1).contiguous()
     images, prompts, mask = batch(n)
 
     def decoder_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
             loss = loss_fn(decode_cached(model, emb, images, prompts).float(), mask)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    measure("vit_b decoder-only on cached embeddings", decoder_step, n)
+    measure("decoder-only on cached embeddings", decoder_step, n)
 
     # Zero-shot evaluation: encoder + decoder, no grad.
     images, prompts, _ = batch(int(os.environ.get("EVAL_BATCH", "16")))
@@ -94,10 +107,10 @@ def main() -> None:
 
     @torch.no_grad()
     def eval_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
             model(images, prompts)
 
-    measure("vit_b zero-shot evaluation", eval_step, len(images))
+    measure("zero-shot evaluation", eval_step, len(images))
 
 
 if __name__ == "__main__":
