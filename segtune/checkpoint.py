@@ -34,6 +34,7 @@ WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 LEGACY_OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
+CARRIED = "best"  # the best epoch's checkpoint, inside a later one (CheckpointWriter.finish)
 OPTIMIZER_META = "segtune.optimizer"  # optimizer.safetensors' metadata key: param groups, non-tensor state
 
 
@@ -75,7 +76,9 @@ class CheckpointWriter:
         self._thread = threading.Thread(target=write, name="segtune-checkpoint", daemon=True)
         self._thread.start()
 
-    def finish(self, cfg: ExperimentConfig, state: dict[str, Any]) -> Path:
+    def finish(self, cfg: ExperimentConfig, state: dict[str, Any], carry: Path | None = None) -> Path:
+        """Complete the checkpoint; `carry`, an earlier checkpoint (the best epoch's), goes
+        inside it as `best/`, linked, and under the same manifest."""
         if self._thread is None:
             raise RuntimeError("CheckpointWriter.finish called before start")
         self._thread.join()
@@ -83,7 +86,13 @@ class CheckpointWriter:
         if self._error is not None:
             raise self._error
         (self.tmp / STATE).write_text(json.dumps({**state, "config": cfg.model_dump()}, indent=2, default=float))
-        write_manifest(self.tmp, self._hashes)  # so a copy cut short in transit is recognised (first_intact)
+        known = dict(self._hashes)
+        if carry is not None:
+            link_copy(carry, self.tmp / CARRIED)
+            # Its files were hashed when it was written; its manifest says so.
+            carried = json.loads((self.tmp / CARRIED / "manifest.json").read_text())["files"]
+            known.update({f"{CARRIED}/{name}": digest for name, digest in carried.items()})
+        write_manifest(self.tmp, known)  # so a copy cut short in transit is recognised (first_intact)
         shutil.rmtree(self.path, ignore_errors=True)
         self.tmp.rename(self.path)
         return self.path

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 
 from segtune.cache import EmbeddingCache, for_trial, forward_batch
-from segtune.checkpoint import CheckpointWriter, link_copy, load_optimizer, load_weights, read_state
+from segtune.checkpoint import CARRIED, CheckpointWriter, link_copy, load_optimizer, load_weights, read_state
 from segtune.config import ExperimentConfig
 from segtune.data import SegDataset, open_store
 from segtune.errors import ConfigError, TrainingError
@@ -233,9 +233,9 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
         start_epoch, best = state["epoch"], state["best"]
         # The best epoch's weights travel inside the reported checkpoint (see below).
         shutil.rmtree(best_dir, ignore_errors=True)
-        carried = ctx.resume_from / "best"
+        carried = ctx.resume_from / CARRIED
         shutil.copytree(carried if carried.is_dir() else ctx.resume_from, best_dir,
-                        ignore=shutil.ignore_patterns("best"))
+                        ignore=shutil.ignore_patterns(CARRIED))
         ctx.log(f"resuming after epoch {start_epoch} (best so far: epoch {best['epoch']})")
         if ctx.tracker is not None:
             ctx.tracker.set_tags({"segtune.resumed_from_epoch": str(start_epoch)})
@@ -252,12 +252,12 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
         metrics = {"train/dice_loss": loss, "val/dice": val["dice"], "val/iou": val["iou"], "epoch": epoch}
         if val["dice"] > best["dice"]:
             best = {"dice": val["dice"], "epoch": epoch}
-        writer.finish(cfg, {"epoch": epoch, "metrics": metrics, "best": best})
+        # A trial restored elsewhere (a retry, a resumed sweep) must still test its best epoch:
+        # when that is an earlier one, the checkpoint carries it.
+        writer.finish(cfg, {"epoch": epoch, "metrics": metrics, "best": best},
+                      carry=best_dir if best["epoch"] != epoch else None)
         if best["epoch"] == epoch:
             link_copy(ckpt_dir, best_dir)
-        else:
-            # A trial restored elsewhere (a retry, a resumed sweep) must still test its best epoch.
-            link_copy(best_dir, ckpt_dir / "best")
         ctx.log(f"epoch {epoch}/{cfg.train.epochs}: train/dice_loss={loss:.4f} "
                 f"val/dice={val['dice']:.4f} val/iou={val['iou']:.4f}")
         if ctx.tracker is not None:

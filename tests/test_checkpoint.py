@@ -353,3 +353,42 @@ def test_a_linked_best_copy_survives_the_next_epochs_checkpoint(tmp_path: Path) 
     assert all(torch.equal(v, kept[k]) for k, v in load_file(str(best / WEIGHTS)).items())
     verify_manifest(best)
     verify_manifest(last)
+
+
+def test_a_checkpoint_carrying_an_earlier_best_epoch_is_intact_and_restores(tiny_config, tmp_path: Path) -> None:
+    """When the best epoch is not the latest, each reported checkpoint carries the best one as
+    `best/`, under its own manifest: a retried trial must find it intact (not fall back to an
+    older checkpoint, or to epoch 1) and test the best epoch's weights."""
+    from segtune.checkpoint import CARRIED, first_intact
+    from segtune.launch import prepare_data
+    from segtune.train import TrialContext, run_trial
+    from tracking.artifacts import write_manifest
+
+    store = prepare_data(tiny_config, log=lambda _: None)[0]
+    first = run_trial(apply_params(tiny_config, {"train.epochs": 1}),
+                      TrialContext(store=store, workdir=tmp_path / "a", log=lambda _: None))
+    start = tmp_path / "a" / "checkpoints" / "last"
+    # A best Dice no later epoch can beat, so every later checkpoint has to carry epoch 1.
+    state = json.loads((start / STATE).read_text())
+    state["best"] = {"dice": 1.0, "epoch": 1}
+    (start / STATE).write_text(json.dumps(state))
+    write_manifest(start)
+    reported: list[Path] = []
+
+    def report(metrics: dict, ckpt: Path) -> None:  # keep each as Tune would (it is replaced next epoch)
+        reported.append(Path(shutil.copytree(ckpt, tmp_path / "tune" / f"checkpoint_{metrics['epoch']}")))
+
+    out = run_trial(apply_params(tiny_config, {"train.epochs": 3}),
+                    TrialContext(store=store, workdir=tmp_path / "b", report=report, resume_from=start,
+                                 log=lambda _: None))
+    assert [read_state(c)["epoch"] for c in reported] == [2, 3]
+    for ckpt in reported:
+        assert first_intact([ckpt], log=pytest.fail) == ckpt
+        assert read_state(ckpt / CARRIED)["epoch"] == 1
+        assert not (ckpt / CARRIED / CARRIED).exists()
+    # The trial tests epoch 1's weights: the first run's test scores. So does a retry restored
+    # from epoch 2's checkpoint on another machine (a fresh workdir), where only `best/` has them.
+    assert out["best_epoch"] == 1 and out["test/iou"] == first["test/iou"]
+    again = run_trial(apply_params(tiny_config, {"train.epochs": 3}),
+                      TrialContext(store=store, workdir=tmp_path / "c", resume_from=reported[0], log=lambda _: None))
+    assert again["best_epoch"] == 1 and again["test/iou"] == first["test/iou"]
