@@ -153,7 +153,9 @@ class CachedSplit:
         import torch
 
         if self._emb is None:
-            self._emb = np.load(self.file, mmap_mode="r")
+            # Copy-on-write: the rows are writable arrays, as torch.from_numpy wants (a read-only
+            # map warns), with nothing copied and nothing ever written back to the cache file.
+            self._emb = np.load(self.file, mmap_mode="c")
         item = self.split[i]
         row = self.split.image_row(item["index"])
         item["embedding"] = torch.from_numpy(np.asarray(self._emb[row], dtype=np.float32))
