@@ -95,6 +95,7 @@ def main(epochs: int = 3, rounds: int = 3) -> None:
             "tracked side also draws overlays, uploads the best checkpoint and test overlays")
     print(f"(MLflow on without per-epoch overlays: {best['mlflow_no_overlays'] / base:.3f}x)")
 
+
 if __name__ == "__main__":
     import argparse
 

@@ -43,9 +43,9 @@ class CheckpointWriter:
 
     `start` copies the trainable weights and the optimizer state, already laid out as the files'
     bytes (the next step must not change what is being written), and writes them on a thread;
-    `finish`, once the epoch's metrics
-    are known, waits for it, adds state.json and the manifest, and swaps the directory in whole,
-    so a crash mid-write never leaves a half checkpoint under the real name.
+    `finish`, once the epoch's metrics are known, waits for it, adds state.json and the
+    manifest, and swaps the directory in whole, so a crash mid-write never leaves a half
+    checkpoint under the real name.
     """
 
     def __init__(self, path: Path):
