@@ -27,7 +27,7 @@ from segtune.config import ExperimentConfig, validate
 from segtune.errors import CheckpointError
 from segtune.models import Segmenter, build_model, load_state_strict
 from segtune.tensorfile import Packed, pack
-from tracking.artifacts import verify_manifest, write_manifest
+from tracking.artifacts import recorded_hashes, verify_manifest, write_manifest
 from tracking.errors import TrackingError
 
 WEIGHTS = "model.safetensors"
@@ -90,8 +90,7 @@ class CheckpointWriter:
         if carry is not None:
             link_copy(carry, self.tmp / CARRIED)
             # Its files were hashed when it was written; its manifest says so.
-            carried = json.loads((self.tmp / CARRIED / "manifest.json").read_text())["files"]
-            known.update({f"{CARRIED}/{name}": digest for name, digest in carried.items()})
+            known.update({f"{CARRIED}/{name}": digest for name, digest in recorded_hashes(self.tmp / CARRIED).items()})
         write_manifest(self.tmp, known)  # so a copy cut short in transit is recognised (first_intact)
         shutil.rmtree(self.path, ignore_errors=True)
         self.tmp.rename(self.path)

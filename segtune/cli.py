@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from segtune.study_cli import UriOpt  # typer only: --help stays fast
+
 app = typer.Typer(help="Fine-tune promptable segmentation models with Ray Tune sweeps tracked in MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 server_app = typer.Typer(help="The local MLflow tracking server (SQLite + local artifacts, on 127.0.0.1).",
@@ -30,8 +32,6 @@ _add_data_commands()
 REPO = Path(__file__).resolve().parents[1]
 DEMO_FILES = [REPO / "experiments" / "demo.yaml", REPO / "experiments" / "demo_clipseg.yaml"]
 SetOpt = typer.Option(None, "--set", help="Override a field: --set train.lr=3e-4 (repeatable).")
-UriOpt = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the file's tracking.uri).")
 # The commands that read runs back take the server from --tracking-uri, $MLFLOW_TRACKING_URI or
 # the local default, as MLflow's own tools do.
 ServerUriOpt = typer.Option("http://127.0.0.1:5000", "--tracking-uri", envvar="MLFLOW_TRACKING_URI",

@@ -16,7 +16,6 @@ checkpoint again (`ray.train.get_checkpoint`).
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -106,9 +105,11 @@ def _drop_working_copies(workdir: Path, log: Callable[[str], None]) -> None:
     sha256 first (from the checkpoint's manifest): every rank of a healthy data-parallel trial
     prints the same one.
     """
-    manifest = workdir / "checkpoints" / "last" / "manifest.json"
+    from segtune.checkpoint import WEIGHTS
+    from tracking.artifacts import recorded_hashes
+
     try:
-        log(f"final weights sha256 {json.loads(manifest.read_text())['files']['model.safetensors']}")
+        log(f"final weights sha256 {recorded_hashes(workdir / 'checkpoints' / 'last')[WEIGHTS]}")
     except (OSError, KeyError, ValueError):
         pass  # stopped or failed before its first checkpoint
     for folder in ("checkpoints", "restored"):

@@ -45,6 +45,11 @@ def write_manifest(folder: Path, known: dict[str, str] | None = None) -> dict[st
     return files
 
 
+def recorded_hashes(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} as `folder`'s manifest records them, without reading the files."""
+    return json.loads((Path(folder) / MANIFEST).read_text())["files"]
+
+
 def verify_manifest(folder: Path) -> str:
     """Check every file against the manifest; return the checkpoint's overall sha256.
 
