@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4/1048576)}'); [ "$$free" -ge 9 ] || echo "warning: $$free GiB free here;"\
+	  ".venv takes about 7 GiB (PyTorch's CUDA build) and a test run about 2 more" >&2
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -6,6 +6,9 @@ on the same machine), never an absolute threshold: the 2-core machines are share
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -17,8 +20,18 @@ DEMO = REPO / "experiments" / "demo.yaml"
 
 
 def workdir(name: str) -> Path:
-    """A fresh temporary folder for one benchmark run."""
-    return Path(tempfile.mkdtemp(prefix=f"segtune-bench-{name}-"))
+    """A fresh temporary folder for one benchmark run, removed when the script exits.
+
+    Ray's session logs go under it too (RAY_TMPDIR), so a run leaves nothing in /tmp;
+    SEGTUNE_BENCH_KEEP=1 keeps the folder for a look afterwards (its path is printed).
+    """
+    root = Path(tempfile.mkdtemp(prefix=f"segtune-bench-{name}-"))
+    os.environ["RAY_TMPDIR"] = str(root / "tmp")
+    if os.environ.get("SEGTUNE_BENCH_KEEP") == "1":
+        print(f"benchmark files kept in {root}", flush=True)
+    else:
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 def config(root: Path, *sets: str):

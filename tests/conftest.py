@@ -3,16 +3,45 @@
 ``mlflow_server`` is one real MLflow tracking server for the whole test session (starting
 one takes several seconds), with its SQLite store and artifacts in a temporary directory.
 Tests point clients at ``mlflow_server.uri``; ``mlflow_server.home`` holds its files.
+
+``scratch_tmpdir`` (automatic) gives the session one temporary folder for everything that is
+not under a test's ``tmp_path``: Ray's session logs, MLflow's downloads, the ranks' working
+copies, and that of every process the tests start. It is removed when the session ends, so a
+run leaves nothing behind in /tmp but pytest's own folders of failed tests.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tracking.server import LocalServer, ServerInfo, free_port
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """TMPDIR (and Ray's RAY_TMPDIR) for this process and its children, removed at the end."""
+    tmp_path_factory.getbasetemp()  # pytest's own folder stays where pytest keeps it
+    scratch = Path(tempfile.mkdtemp(prefix="segtune-tests-"))
+    scratch.chmod(0o711)  # PostgreSQL runs as its own user and must reach its folder in here
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "RAY_TMPDIR")}
+    os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = str(scratch)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    try:
+        yield scratch
+    finally:  # after every other session fixture: the servers are stopped by then
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = None
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

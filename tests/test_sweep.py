@@ -95,7 +95,7 @@ def test_promote_sets_champion_on_the_best_validation_run(swept, tmp_path) -> No
 
     # The registered version is a pyfunc that predicts masks.
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion", dst_path=str(tmp_path))
     image = np.full((256, 256), 150, np.uint8)
     image[100:140, 90:150] = 40
     masks = model.predict({"image": image, "points": [[120, 120]]})
