@@ -22,15 +22,17 @@ DEMO = REPO / "experiments" / "demo.yaml"
 def workdir(name: str) -> Path:
     """A fresh temporary folder for one benchmark run, removed when the script exits.
 
-    Ray's session logs go under it too (RAY_TMPDIR), so a run leaves nothing in /tmp;
-    SEGTUNE_BENCH_KEEP=1 keeps the folder for a look afterwards (its path is printed).
+    Ray's session logs go to a second one (RAY_TMPDIR; short, as Ray's socket paths must be),
+    so a run leaves nothing in /tmp. SEGTUNE_BENCH_KEEP=1 keeps both for a look afterwards.
     """
     root = Path(tempfile.mkdtemp(prefix=f"segtune-bench-{name}-"))
-    os.environ["RAY_TMPDIR"] = str(root / "tmp")
+    ray_tmp = tempfile.mkdtemp(prefix="segtune-ray-")
+    os.environ["RAY_TMPDIR"] = ray_tmp
     if os.environ.get("SEGTUNE_BENCH_KEEP") == "1":
-        print(f"benchmark files kept in {root}", flush=True)
+        print(f"benchmark files kept in {root} and {ray_tmp}", flush=True)
     else:
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        for folder in (root, ray_tmp):
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return root
 
 
