@@ -44,15 +44,22 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=120)
 
 
-def wait_for_metric(uri: str, experiment: str, key: str = "val/dice", timeout: float = 300) -> None:
-    """Block until some trial of the experiment has logged `key` (training is under way)."""
+def wait_for_metric(uri: str, experiment: str, proc: subprocess.Popen, key: str = "val/dice",
+                    timeout: float = 300) -> None:
+    """Block until some trial of the experiment has logged `key` (training is under way).
+
+    A sweep that exits first, or is not that far within `timeout`, fails the test with the end
+    of what it printed (it is stopped first).
+    """
     client, deadline = MlflowClient(uri), time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         exp = client.get_experiment_by_name(experiment)
         if exp and any(key in r.data.metrics for r in client.search_runs([exp.experiment_id])):
             return
         time.sleep(0.5)
-    raise TimeoutError(f"no {key} logged in {experiment} within {timeout} s")
+    why = f"the sweep exited ({proc.returncode})" if proc.poll() is not None else f"not within {timeout} s"
+    kill_group(proc)
+    raise TimeoutError(f"no {key} logged in {experiment}: {why}; the sweep printed:\n{proc.stdout.read()[-4000:]}")
 
 
 def trial_runs(uri: str, experiment: str) -> list:

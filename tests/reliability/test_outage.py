@@ -17,7 +17,7 @@ def test_mid_sweep_outage_loses_and_duplicates_nothing(tmp_path, em_data) -> Non
         name = "outage"
         file = write_experiment(tmp_path, em_data, server.uri, name, samples=2, epochs=10, scheduler="fifo")
         proc = start(file, cwd=tmp_path)
-        wait_for_metric(server.uri, name)
+        wait_for_metric(server.uri, name, proc)
         stop_server(home)
         # Longer than a trial's client retries (2 retries, 1 s backoff): the trials must spool.
         spooled, deadline = False, time.time() + 15

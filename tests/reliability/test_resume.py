@@ -15,7 +15,7 @@ def test_ctrl_c_saves_state_marks_runs_killed_and_resume_finishes(tmp_path, em_d
     uri, name = mlflow_server.uri, "resume-ctrl-c"
     file = write_experiment(tmp_path, em_data, uri, name, samples=3, epochs=4, scheduler="fifo")
     proc = start(file, cwd=tmp_path)
-    wait_for_metric(uri, name)
+    wait_for_metric(uri, name, proc)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the driver
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-2000:]
@@ -38,7 +38,7 @@ def test_resume_with_a_changed_search_space_is_refused(tmp_path, em_data, mlflow
     uri, name = mlflow_server.uri, "resume-changed"
     file = write_experiment(tmp_path, em_data, uri, name, samples=2, epochs=2)
     proc = start(file, cwd=tmp_path)
-    wait_for_metric(uri, name)
+    wait_for_metric(uri, name, proc)
     kill_group(proc)
     res = subprocess.run([sys.executable, "-m", "segtune.cli", "sweep", str(file), "--resume",
                           "--set", "search.num_samples=5"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -50,7 +50,7 @@ def test_resume_from_the_sweep_folder(tmp_path, em_data, mlflow_server) -> None:
     uri, name = mlflow_server.uri, "resume-folder"
     file = write_experiment(tmp_path, em_data, uri, name, samples=2, epochs=3, scheduler="fifo")
     proc = start(file, cwd=tmp_path)
-    wait_for_metric(uri, name)
+    wait_for_metric(uri, name, proc)
     kill_group(proc)  # SIGKILL: no chance to save anything or close runs
     folder = next((tmp_path / "ray").glob(f"{name}-*"))
     res = subprocess.run([sys.executable, "-m", "segtune.cli", "sweep", str(folder), "--resume"],
