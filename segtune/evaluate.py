@@ -14,7 +14,7 @@ import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -162,28 +162,8 @@ def write_overlays(examples: list[Example], folder: Path) -> list[Path]:
     return paths
 
 
-def log_overlays(model: Segmenter, loader: DataLoader, tracker: Any, count: int,
-                 artifact_path: str = "overlays") -> None:
-    """The first `count` samples of `loader` drawn and logged under the run's `artifact_path`
-    (train.run_trial calls it on the validation split every `eval.overlay_every` epochs, and on
-    the test split with the best checkpoint)."""
-    if tracker is None or count <= 0 or getattr(tracker, "offline", False):
-        return
-    from tracking.evals import log_folder
-
-    was_training = model.training
-    try:
-        _, examples = score_prompted(model, _first_batches(loader, count), keep=count)
-        with tempfile.TemporaryDirectory(prefix="segtune-overlays-") as tmp:
-            write_overlays(examples, Path(tmp))
-            log_folder(tracker, Path(tmp), artifact_path)
-    except Exception as err:  # a figure must never fail a trial that trained and tested; say why on the run
-        tracker.set_tags({"segtune.overlay_error": f"{err.__class__.__name__}: {err}"[:1000]})
-    finally:
-        model.train(was_training)
-
-
-def _first_batches(loader: DataLoader, count: int) -> list[dict]:
+def first_batches(loader: DataLoader, count: int) -> list[dict]:
+    """The loader's first batches, enough for `count` samples (segtune.overlay_log)."""
     out, n = [], 0
     for batch in loader:
         out.append(batch)

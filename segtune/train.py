@@ -31,6 +31,7 @@ from segtune.errors import ConfigError, TrainingError
 from segtune.losses import LOSSES
 from segtune.metrics import dice, iou, masks_from_logits
 from segtune.models import Segmenter, build_model
+from segtune.overlay_log import OverlayLog
 from segtune.prompts import PROMPTS, PromptOptions, needs_foreground, stack
 
 
@@ -244,44 +245,45 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     writer = CheckpointWriter(ckpt_dir)
-    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
-        train_collate.epoch = epoch
-        loss = train_epoch(model, train_dl, optimizer, accelerator, loss_fn)
-        writer.start(raw_model, optimizer)  # the weights and optimizer state are written while validating
-        val = evaluate(model, val_dl, accelerator)
-        metrics = {"train/dice_loss": loss, "val/dice": val["dice"], "val/iou": val["iou"], "epoch": epoch}
-        if val["dice"] > best["dice"]:
-            best = {"dice": val["dice"], "epoch": epoch}
-        # A trial restored elsewhere (a retry, a resumed sweep) must still test its best epoch:
-        # when that is an earlier one, the checkpoint carries it.
-        writer.finish(cfg, {"epoch": epoch, "metrics": metrics, "best": best},
-                      carry=best_dir if best["epoch"] != epoch else None)
-        if best["epoch"] == epoch:
-            link_copy(ckpt_dir, best_dir)
-        ctx.log(f"epoch {epoch}/{cfg.train.epochs}: train/dice_loss={loss:.4f} "
-                f"val/dice={val['dice']:.4f} val/iou={val['iou']:.4f}")
-        if ctx.tracker is not None:
-            ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            ctx.tracker.flush()
-            every = cfg.eval.overlay_every
-            if every and epoch % every == 0 and epoch != cfg.train.epochs:
-                from segtune.evaluate import log_overlays  # how the masks look as training goes
-
-                log_overlays(raw_model, val_dl, ctx.tracker, cfg.eval.overlays, f"overlays/epoch_{epoch:03d}")
-        if epoch == cfg.train.epochs:
-            # Test before the last report: a scheduler may stop the trial at its final report.
-            metrics.update(_finish(cfg, ctx, raw_model, best, best_dir, test_dl, accelerator))
-        if ctx.report is not None:
-            ctx.report(dict(metrics, **{"val/dice_best": best["dice"]}), ckpt_dir)
+    # Overlays are drawn and uploaded while training goes on; leaving this block waits for them.
+    with OverlayLog(ctx.tracker, cfg.eval.overlays) as overlays:
+        for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+            train_collate.epoch = epoch
+            loss = train_epoch(model, train_dl, optimizer, accelerator, loss_fn)
+            writer.start(raw_model, optimizer)  # the weights and optimizer state are written while validating
+            val = evaluate(model, val_dl, accelerator)
+            metrics = {"train/dice_loss": loss, "val/dice": val["dice"], "val/iou": val["iou"], "epoch": epoch}
+            if val["dice"] > best["dice"]:
+                best = {"dice": val["dice"], "epoch": epoch}
+            # A trial restored elsewhere (a retry, a resumed sweep) must still test its best epoch:
+            # when that is an earlier one, the checkpoint carries it.
+            writer.finish(cfg, {"epoch": epoch, "metrics": metrics, "best": best},
+                          carry=best_dir if best["epoch"] != epoch else None)
+            if best["epoch"] == epoch:
+                link_copy(ckpt_dir, best_dir)
+            ctx.log(f"epoch {epoch}/{cfg.train.epochs}: train/dice_loss={loss:.4f} "
+                    f"val/dice={val['dice']:.4f} val/iou={val['iou']:.4f}")
+            if ctx.tracker is not None:
+                ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                ctx.tracker.flush()
+                every = cfg.eval.overlay_every
+                if every and epoch % every == 0 and epoch != cfg.train.epochs:  # how the masks look as training goes
+                    overlays.log(raw_model, val_dl, f"overlays/epoch_{epoch:03d}")
+            if epoch == cfg.train.epochs:
+                # Test before the last report: a scheduler may stop the trial at its final report.
+                metrics.update(_finish(cfg, ctx, raw_model, best, best_dir, test_dl, accelerator, overlays))
+            if ctx.report is not None:
+                ctx.report(dict(metrics, **{"val/dice_best": best["dice"]}), ckpt_dir)
     return metrics
 
 
 def _finish(cfg: ExperimentConfig, ctx: TrialContext, model: Segmenter, best: dict, best_dir: Path,
-            test_dl: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+            test_dl: DataLoader, accelerator: Accelerator, overlays: OverlayLog) -> dict[str, float]:
     """Score the best epoch's checkpoint on the test split, log it, close the run.
 
     The best checkpoint uploads while the test split is scored (on a GPU the two use different
-    hardware); nothing else talks to the tracker until the upload is done.
+    hardware); until it is done, only the overlay thread's uploads of earlier figures may run
+    beside it (segtune.overlay_log), and nothing touches the tracker's spool or tags.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="segtune-upload") as pool:
         upload = pool.submit(ctx.tracker.log_checkpoint, best_dir) if ctx.tracker is not None else None
@@ -296,8 +298,7 @@ def _finish(cfg: ExperimentConfig, ctx: TrialContext, model: Segmenter, best: di
         upload.result()  # raises what the upload raised
         ctx.tracker.log_metrics({k: float(v) for k, v in out.items()}, step=cfg.train.epochs)
         ctx.tracker.flush()
-        from segtune.evaluate import log_overlays  # the best checkpoint's masks on the first test samples
-
-        log_overlays(model, test_dl, ctx.tracker, cfg.eval.overlays)
+        overlays.log(model, test_dl)  # the best checkpoint's masks on the first test samples
+        overlays.close()  # every figure is up (or its failure tagged) before the run ends
         ctx.tracker.finish("FINISHED")
     return out
