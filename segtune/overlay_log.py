@@ -1,9 +1,9 @@
 """A trial's overlay figures, drawn and uploaded on a thread of their own.
 
 The masks are predicted on the caller's thread, from the model as it is at that moment; the
-PNG strips are then drawn (mostly zlib) and uploaded while the next epoch trains. Measured on
-the tiny SAM with 4 overlays: 33 ms predicting, 66 ms drawing, 27 ms uploading, so about 3/4
-of each call leaves the training loop (benchmarks/RESULTS.md, benchmark 1).
+PNG strips are then drawn (mostly zlib) and uploaded while the next epoch trains. For the tiny
+SAM with 4 overlays that leaves 29 ms of a 116 ms round on the loop's thread
+(benchmarks/bench_overlays.py; benchmarks/RESULTS.md, benchmark 1).
 
 A figure never fails a trial: the first error, from either thread, is set on the run as tag
 `segtune.overlay_error` when the log closes (an upload the server refused included). Only the
@@ -29,14 +29,13 @@ class OverlayLog:
 
     def __init__(self, tracker: Any, count: int):
         self.tracker, self.count = tracker, count
-        self.enabled = tracker is not None and count > 0
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._error: str | None = None
 
     def log(self, model: Segmenter, loader: DataLoader, artifact_path: str = "overlays") -> None:
         """Predict now; draw and upload in the background."""
-        if not self.enabled or getattr(self.tracker, "offline", False):
+        if self.tracker is None or self.count <= 0 or getattr(self.tracker, "offline", False):
             return
         from segtune.evaluate import first_batches, score_prompted
 

@@ -267,8 +267,8 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
                 ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
                 ctx.tracker.flush()
                 every = cfg.eval.overlay_every
-                if every and epoch % every == 0 and epoch != cfg.train.epochs:  # how the masks look as training goes
-                    overlays.log(raw_model, val_dl, f"overlays/epoch_{epoch:03d}")
+                if every and epoch % every == 0 and epoch != cfg.train.epochs:
+                    overlays.log(raw_model, val_dl, f"overlays/epoch_{epoch:03d}")  # how the masks look as training goes
             if epoch == cfg.train.epochs:
                 # Test before the last report: a scheduler may stop the trial at its final report.
                 metrics.update(_finish(cfg, ctx, raw_model, best, best_dir, test_dl, accelerator, overlays))
