@@ -12,7 +12,7 @@ import time
 import torch
 
 from benchmarks.common import verdict
-from segtune.cache import _batch_axis, decode_cached
+from segtune.cache import decode_cached
 from segtune.losses import LOSSES
 from segtune.prompts import PromptBatch
 
@@ -33,7 +33,7 @@ def step_times(model, images: torch.Tensor, prompts: PromptBatch, mask: torch.Te
     full = time.perf_counter() - t
     with torch.no_grad():
         # Batch-first and through fp16, as the cache stores it.
-        emb = model.encode(images).movedim(_batch_axis(model), 0).half().float()
+        emb = model.encode(images).movedim(model.embedding_batch_axis, 0).half().float()
     step(decode_cached(model, emb, images, prompts))  # warm-up
     t = time.perf_counter()
     for _ in range(cached_steps):

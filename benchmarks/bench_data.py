@@ -45,8 +45,8 @@ def main() -> None:
         t = time.perf_counter()
         for _ in range(rounds):
             for i in range(len(ds)):
-                img = torch.from_numpy(np.asarray(Image.open(files / f"{i}.{ext}"))[None].copy())
-                mask = torch.from_numpy(np.asarray(Image.open(files / f"mask_{i}.png")) > 0).float()[None]
+                torch.from_numpy(np.asarray(Image.open(files / f"{i}.{ext}"))[None].copy())
+                torch.from_numpy(np.asarray(Image.open(files / f"mask_{i}.png")) > 0).float()[None]
         return rounds * len(ds) / (time.perf_counter() - t)
 
     s, png, tif = from_store(), from_files("png"), from_files("tif")

@@ -14,10 +14,11 @@ import time
 import torch
 
 from benchmarks.common import config, store, verdict, workdir
+from segtune.loaders import make_loaders
 from segtune.losses import LOSSES
 from segtune.metrics import dice, masks_from_logits
 from segtune.models import build_model
-from segtune.train import TrialContext, make_loaders, run_trial
+from segtune.train import NullTracker, TrialContext, run_trial
 
 SETS = ["dataset.max_train=16", "dataset.max_eval=8", "train.epochs=3", "train.batch_size=4", "model.train=full"]
 
@@ -48,7 +49,7 @@ def plain(cfg, path) -> float:
 
 def ours(cfg, path, root, tracker=None) -> float:
     t = time.perf_counter()
-    run_trial(cfg, TrialContext(store=path, workdir=root / f"trial-{time.time_ns()}", tracker=tracker, log=lambda _: None))
+    run_trial(cfg, TrialContext(store=path, workdir=root / f"trial-{time.time_ns()}", tracker=tracker or NullTracker(), log=lambda _: None))
     return time.perf_counter() - t
 
 

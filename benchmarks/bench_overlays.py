@@ -21,10 +21,10 @@ from benchmarks.common import config, store, workdir
 
 
 def main(rounds: int = 8) -> None:
-    from segtune.evaluate import first_batches, score_prompted, write_overlays
+    from segtune.loaders import make_loaders
     from segtune.models import build_model
-    from segtune.overlay_log import OverlayLog
-    from segtune.train import make_loaders
+    from segtune.overlay_log import OverlayLog, write_overlays
+    from segtune.scoring import first_batches, score_loader
     from tracking.evals import log_folder
     from tracking.runs import TrialRun
     from tracking.server import LocalServer, free_port
@@ -40,7 +40,7 @@ def main(rounds: int = 8) -> None:
                             params={}, tags={})
         for i in range(rounds + 1):  # round 0 warms up
             t = time.perf_counter()
-            _, examples = score_prompted(model, first_batches(val, count), keep=count)
+            _, examples = score_loader(model, first_batches(val, count), keep=count)
             with tempfile.TemporaryDirectory() as tmp:
                 write_overlays(examples, Path(tmp))
                 log_folder(run, Path(tmp), f"inline/{i}")

@@ -1,6 +1,6 @@
 """Benchmark 8: sweep wall time for 4, 8 and 16 trials — does the cost grow linearly?
 
-Three real sweeps (`segtune.launch.sweep`: local Ray, Optuna, FIFO so every trial runs all its
+Three real sweeps (`segtune.commands.run_sweep`: local Ray, Optuna, FIFO so every trial runs all its
 epochs, a real local MLflow server), identical but for `search.num_samples`, at concurrency 2.
 Linear scaling means the wall time per trial stays flat as the sweep grows; the ratio printed
 is (seconds per trial at 16) / (seconds per trial at 4): 1.0 is linear, above 1 is worse.
@@ -20,7 +20,7 @@ SIZES = (4, 8, 16)
 
 
 def main() -> None:
-    from segtune.launch import sweep
+    from segtune.commands import run_sweep
     from tracking.server import LocalServer, free_port
 
     root = workdir("scaling")
@@ -33,7 +33,7 @@ def main() -> None:
                          f"tracking.uri={info.uri}", f"tracking.experiment=bench-{n}")
             store(cfg)
             t = time.perf_counter()
-            sweep(cfg, log=lambda _: None)
+            run_sweep(cfg, log=lambda _: None)
             wall = time.perf_counter() - t
             per_trial[n], walls[n] = wall / n, wall
             print(f"{n:2d} trials at concurrency 2: wall {wall:6.1f}s, {per_trial[n]:.2f}s per trial", flush=True)

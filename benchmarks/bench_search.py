@@ -13,9 +13,11 @@ import optuna
 import torch
 
 from benchmarks.common import config, store, verdict, workdir
+from segtune.loaders import make_loaders
 from segtune.losses import LOSSES
 from segtune.models import build_model
-from segtune.train import _optimizer, evaluate, make_loaders
+from segtune.scoring import score_loader
+from segtune.train import build_optimizer
 
 BUDGET, MAX_EPOCHS, SEEDS = 24, 4, (0, 1, 2)
 
@@ -42,7 +44,7 @@ def objective(root, path, budget: Budget, prune: bool):
         cfg = config(root, "dataset.max_train=16", "dataset.max_eval=8", f"train.lr={lr}", f"train.batch_size={bs}")
         torch.manual_seed(0)
         model = build_model(cfg.model)
-        opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        opt = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         train, val, _, collate = make_loaders(cfg, path, lambda _: None)
         best = 0.0
         for epoch in range(1, MAX_EPOCHS + 1):
@@ -55,7 +57,7 @@ def objective(root, path, budget: Budget, prune: bool):
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            value = evaluate(model, val, acc)["dice"]
+            value = score_loader(model, val, accelerator=acc)[0]["dice"]
             budget.record(value)
             best = max(best, value)
             trial.report(value, epoch)

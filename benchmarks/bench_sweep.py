@@ -1,6 +1,6 @@
 """Benchmark 2: wall time of an 8-trial sweep at concurrency 2 vs the trials' own compute / 2.
 
-A real sweep (`segtune.launch.sweep`: local Ray, Optuna, FIFO, a real local MLflow server).
+A real sweep (`segtune.commands.run_sweep`: local Ray, Optuna, FIFO, a real local MLflow server).
 Reduced by default: trials of a few seconds (tiny SAM, 3 epochs over 16 samples), not ~30 s,
 so the sweep's fixed start-up (Ray, the actors' first imports) is at its most visible;
 `--epochs 70` gives the issue's ~30 s trials. Goal <=1.10x.
@@ -16,7 +16,7 @@ from benchmarks.common import config, store, verdict, workdir
 def main(epochs: int = 3) -> None:
     from ray import tune
 
-    from segtune.launch import experiment_dir_of, sweep
+    from segtune.commands import experiment_dir_of, run_sweep
     from tracking.server import LocalServer, free_port
 
     root = workdir("sweep")
@@ -27,7 +27,7 @@ def main(epochs: int = 3) -> None:
                      f"tracking.uri={info.uri}", "tracking.experiment=bench")
         store(cfg)
         t = time.perf_counter()
-        outcome = sweep(cfg, log=lambda _: None)
+        outcome = run_sweep(cfg, log=lambda _: None)
         wall = time.perf_counter() - t
     frame = tune.ExperimentAnalysis(experiment_dir_of(cfg, outcome.sweep_id)).dataframe()
     compute = float(frame["time_total_s"].sum())

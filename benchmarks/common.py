@@ -11,9 +11,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
@@ -46,7 +46,7 @@ def config(root: Path, *sets: str):
 
 def store(cfg) -> Path:
     """Prepare (or reuse) the config's store."""
-    from segtune.launch import prepare_data
+    from segtune.prepare import prepare_data
 
     return prepare_data(cfg, log=lambda _: None)[0]
 

@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.common import config, store, workdir
 from segtune.checkpoint import load_model, load_optimizer, read_state
-from segtune.train import TrialContext, _optimizer, run_trial
+from segtune.train import TrialContext, build_optimizer, run_trial
 
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
 BACKEND = os.environ.get("COMPILE_BACKEND", "inductor")
@@ -44,7 +44,7 @@ def main() -> None:
         model, _ = load_model(last)  # strict: every trainable weight present, right shapes
         assert read_state(last)["epoch"] == EPOCHS
         assert all(torch.isfinite(p).all() for p in model.parameters())
-        assert load_optimizer(last, _optimizer(cfg, [p for p in model.parameters() if p.requires_grad]))
+        assert load_optimizer(last, build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad]))
     for out in results.values():
         assert 0.0 <= out["test/iou"] <= 1.0 and 0.0 <= out["val/dice_best"] <= 1.0
     print(f"CHECK {DEVICE} bf16 loop, compile={BACKEND}, checkpoints read back: ok", flush=True)

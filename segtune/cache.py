@@ -13,11 +13,10 @@ the model's preprocessing (class, input size, aspect handling) plus the stored d
 change to any of them lands in a new folder and the old one is never read. The folder appears
 by one `rename` after it is complete, so a reader never sees half of it.
 
-Trials then decode from cached rows (`forward_batch`); images still travel in the batch
-because PA-SAM's detail branch and the overlays need them, and they are cheap.
-
-This module imports torch only inside functions: `segtune cache` is registered in the CLI,
-whose `--help` must stay fast.
+Trials then decode from cached rows (`decode_cached`, called by segtune.scoring's
+`forward_batch`); images still travel in the batch because PA-SAM's detail branch needs them,
+and they are cheap. The model answers what the cache asks of it (`Segmenter.encoder_state`,
+`encoder_trains`, `embedding_batch_axis`); nothing here knows a model family by name.
 """
 
 from __future__ import annotations
@@ -29,67 +28,34 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import typer
+import torch
+from torch import nn
+
+from segtune.config import ExperimentConfig
+from segtune.data import open_store
+from segtune.models import Segmenter
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from segtune.config import ExperimentConfig
-    from segtune.models import Segmenter
     from segtune.prompts import PromptBatch
 
 FORMAT_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def _family(model: Any) -> str:
-    from segtune.models.clipseg import ClipSegSegmenter
-    from segtune.models.sam import SamSegmenter
-
-    if isinstance(model, SamSegmenter):
-        return "sam"
-    if isinstance(model, ClipSegSegmenter):
-        return "clipseg"
-    raise TypeError(f"no embedding cache for {type(model).__name__}")
-
-
-def encoder_state(model: Segmenter) -> dict[str, torch.Tensor]:
-    """Everything `encode` reads besides the image: the encoder's weights and pixel statistics."""
-    if _family(model) == "sam":
-        sam = model.sam  # type: ignore[attr-defined]
-        state = {f"image_encoder.{k}": v for k, v in sam.image_encoder.state_dict().items()}
-        state.update(pixel_mean=sam.pixel_mean, pixel_std=sam.pixel_std)
-        return state
-    state = {f"vision_model.{k}": v for k, v in model.model.clip.vision_model.state_dict().items()}  # type: ignore[attr-defined]
-    state.update(mean=model.mean, std=model.std, extract_layers=_tensor(model.model.extract_layers))  # type: ignore[attr-defined]
-    return state
-
-
-def _tensor(values: Any) -> torch.Tensor:
-    import torch
-
-    return torch.tensor(list(values))
-
-
 def encoder_frozen(model: Segmenter) -> bool:
-    """True when no parameter the encoder pass uses trains (SAM's encoder adapters live inside it)."""
-    if _family(model) == "sam":
-        params = model.sam.image_encoder.parameters()  # type: ignore[attr-defined]
-    else:
-        params = model.model.clip.vision_model.parameters()  # type: ignore[attr-defined]
-    return not any(p.requires_grad for p in params)
+    """True when the model's encoder output may be cached: no parameter the encoder pass uses
+    trains (SAM's encoder adapters live inside it)."""
+    return model.cacheable_encoder and not model.encoder_trains()
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and raw bytes, in name order."""
-    import torch
-
     digest = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -104,20 +70,15 @@ def cache_key(model: Segmenter, store_hash: str, dtype: str = "float16") -> tupl
     parts = {
         "format": FORMAT_VERSION,
         "store_hash": store_hash,
-        "encoder": weights_hash(encoder_state(model)),
+        "encoder": weights_hash(model.encoder_state()),
         # Preprocessing: the class picks the normalisation (MedSAM's min-max vs SAM's mean/std).
         "model_class": type(model).__name__,
-        "image_size": int(model.image_size),  # type: ignore[attr-defined]
-        "keep_aspect": bool(getattr(model, "keep_aspect", False)),
+        "image_size": int(model.image_size),
+        "keep_aspect": bool(model.keep_aspect),
         "dtype": dtype,
     }
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16], parts
-
-
-def _batch_axis(model: Segmenter) -> int:
-    # CLIPSeg's encode stacks the extracted layers first: (L, B, tokens, C).
-    return 1 if _family(model) == "clipseg" else 0
 
 
 @dataclass
@@ -150,8 +111,6 @@ class CachedSplit:
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
-
         if self._emb is None:
             # Copy-on-write: the rows are writable arrays, as torch.from_numpy wants (a read-only
             # map warns), with nothing copied and nothing ever written back to the cache file.
@@ -172,10 +131,6 @@ def build_or_open(model: Segmenter, store: Path, *, dtype: str = "float16", batc
     The fcntl lock is held while checking and building, so a second trial (another process,
     another sweep) waits for the first and then reuses its result instead of building again.
     """
-    import torch
-
-    from segtune.data import open_store
-
     store = Path(store)
     key, parts = cache_key(model, open_store(store).hash, dtype)
     root = store / "embeddings"
@@ -200,10 +155,8 @@ def build_or_open(model: Segmenter, store: Path, *, dtype: str = "float16", batc
 
 def _compute(model: Segmenter, store: Path, out: Path, parts: dict[str, Any], dtype: str,
              batch_size: int, log: Callable[[str], None]) -> None:
-    import torch
-
     images = np.load(store / "images.npy", mmap_mode="r")
-    axis = _batch_axis(model)
+    axis = model.embedding_batch_axis
     start, was_training = time.perf_counter(), model.training
     device = next(model.parameters()).device
     model.eval()
@@ -234,48 +187,22 @@ def for_trial(cfg: ExperimentConfig, model: Segmenter, store: Path,
     if cfg.train.cache == "off":
         log("embedding cache: off (train.cache=off)")
         return None
-    try:
-        _family(model)
-    except TypeError:
+    if not model.cacheable_encoder:
         log(f"embedding cache: off ({type(model).__name__} has no cacheable encoder)")
         return None
-    if not encoder_frozen(model):
-        log(f"embedding cache: off: policy {cfg.model.train!r} trains the encoder")
+    if model.encoder_trains():
+        log(f"embedding cache: off: policy {cfg.model.freeze_policy!r} trains the encoder")
         return None
     cache = build_or_open(model, store, batch_size=cfg.train.batch_size, log=log)
     log(f"embedding cache: on (key {cache.key}, {'built' if cache.built else 'reused'})")
     return cache
 
 
-def decode_cached(model: Segmenter, embedding: torch.Tensor, images: torch.Tensor,
+def decode_cached(model: nn.Module, embedding: torch.Tensor, images: torch.Tensor,
                   prompts: PromptBatch) -> torch.Tensor:
-    """Mask logits from cached rows `(B, ...)`: what `model(images, prompts)` returns, minus encode."""
+    """Mask logits from cached rows `(B, ...)`: what `model(images, prompts)` returns, minus encode.
+
+    Through the (possibly DDP-wrapped) model's forward, so gradients are synchronised.
+    """
     inner = getattr(model, "module", model)  # Accelerate may wrap the model (DDP)
-    return model(images, prompts, embeddings=embedding.movedim(0, _batch_axis(inner)))
-
-
-def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """The loop's forward: decode from the batch's cached embeddings if it has them."""
-    prompts = batch["prompts"].to(device)
-    if "embedding" not in batch:
-        return model(batch["image"], prompts)
-    # Through the (possibly DDP-wrapped) model's forward, so gradients are synchronised.
-    return decode_cached(model, batch["embedding"], batch["image"], prompts)
-
-
-def cache_command(
-    file: Path = typer.Argument(..., help="Experiment YAML file: the model and data whose embeddings to cache."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field: --set model.train=mask_decoder."),
-) -> None:
-    """Compute the frozen-encoder embedding cache once, before a sweep (no-op when already built)."""
-    from segtune.config import load_config
-    from segtune.launch import prepare_data
-    from segtune.models import build_model
-
-    cfg = load_config(file, list(set_ or []))
-    store, _ = prepare_data(cfg, log=typer.echo)
-    model = build_model(cfg.model)
-    cache = for_trial(cfg, model, store, log=typer.echo)
-    if cache is None:
-        raise typer.Exit(1)
-    typer.echo(f"{cache.path} ({'built' if cache.built else 'already built'})")
+    return model(images, prompts, embeddings=embedding.movedim(0, inner.embedding_batch_axis))

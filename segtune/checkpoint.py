@@ -114,7 +114,7 @@ def _read_optimizer(f: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]
     with safe_open(str(f), "pt") as handle:
         meta = json.loads((handle.metadata() or {})[OPTIMIZER_META])
         state: dict[int, dict[str, Any]] = {}
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 — safe_open handles are not mappings
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = handle.get_tensor(key)
     for key, value in meta["values"].items():
@@ -122,7 +122,7 @@ def _read_optimizer(f: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]
         state.setdefault(int(index), {})[name] = value
     groups = meta["param_groups"]
     # JSON has no tuples; give back the ones the optimizer keeps as tuples (Adam's betas).
-    for saved, live in zip(groups, optimizer.param_groups):
+    for saved, live in zip(groups, optimizer.param_groups, strict=False):  # a mismatch is refused by load_state_dict
         for k, v in saved.items():
             if isinstance(live.get(k), tuple) and isinstance(v, list):
                 saved[k] = tuple(v)
@@ -195,7 +195,7 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
-def first_intact(candidates: list[Path], log=print) -> Path | None:  # noqa: ANN001
+def first_intact(candidates: list[Path], log=print) -> Path | None:
     """The first checkpoint whose files match their manifest and whose state reads; None if none.
 
     Used on restore: when the newest checkpoint was cut short (a node died mid-upload), the

@@ -61,15 +61,15 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file; with --re
                                       "sweep whose folder (under search.storage_path) FILE is."),
           set_: Optional[List[str]] = SetOpt) -> None:
     """Run a hyperparameter sweep (Ray Tune + Optuna TPE + ASHA), each trial an MLflow child run."""
-    from segtune.launch import load_resume_dir, sweep as run
-    from segtune.report import print_runs
+    from segtune.commands import load_resume_dir, run_sweep
+    from segtune.console import print_runs
 
     target: bool | str = resume
     if resume and file.is_dir():
         cfg, target = load_resume_dir(file, list(set_ or []) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else []))
     else:
         cfg = _load(file, set_, tracking_uri)
-    outcome = run(cfg, address=address, resume=target, log=say)
+    outcome = run_sweep(cfg, address=address, resume=target, log=say)
     print_runs(cfg.tracking.uri, cfg.tracking.experiment, outcome.sweep_id)
     if outcome.interrupted:
         raise typer.Exit(130)
@@ -100,7 +100,7 @@ def train(file: Path = typer.Argument(..., help="Experiment YAML file."),
           no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
           set_: Optional[List[str]] = SetOpt) -> None:
     """Train one trial with the file's values (no Ray): the same loop a sweep's trials run."""
-    from segtune.launch import train_one
+    from segtune.commands import train_one
 
     cfg = _load(file, set_, tracking_uri)
     metrics = train_one(cfg, out.resolve(), track=not no_track, log=say)
@@ -116,9 +116,9 @@ def promote(experiment: str = typer.Argument(..., help="MLflow experiment name (
             sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep)."),
             run_id: Optional[str] = typer.Option(None, "--run", help="Promote this run instead of the best.")) -> None:
     """Register the best finished trial's verified checkpoint and point an alias at it."""
-    from segtune.report import promote_and_print
+    from segtune.commands import promote_best
 
-    promote_and_print(tracking_uri, experiment, metric=metric, mode=mode, alias=alias, sweep_id=sweep_id,
+    promote_best(tracking_uri, experiment, metric=metric, mode=mode, alias=alias, sweep_id=sweep_id,
                       run_id=run_id, log=say)
 
 
@@ -127,7 +127,7 @@ def runs(experiment: str = typer.Argument(..., help="MLflow experiment name."),
          tracking_uri: str = ServerUriOpt,
          sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep).")) -> None:
     """A table of a sweep's trials, read back from MLflow."""
-    from segtune.report import print_runs
+    from segtune.console import print_runs
     from tracking.server import check_server
 
     check_server(tracking_uri)
@@ -210,13 +210,21 @@ def _add_study_commands() -> None:
 _add_study_commands()
 
 
-def _add_cache_command() -> None:
-    from segtune.cache import cache_command  # torch is imported only when the command runs
+@app.command()
+def cache(file: Path = typer.Argument(..., help="Experiment YAML file: the model and data whose embeddings to cache."),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field: --set model.train=mask_decoder.")) -> None:
+    """Compute the frozen-encoder embedding cache once, before a sweep (no-op when already built)."""
+    from segtune.cache import for_trial
+    from segtune.config import load_config
+    from segtune.models import build_model
+    from segtune.prepare import prepare_data
 
-    app.command("cache")(cache_command)
-
-
-_add_cache_command()
+    cfg = load_config(file, list(set_ or []))
+    store, _ = prepare_data(cfg, log=say)
+    embeddings = for_trial(cfg, build_model(cfg.model), store, log=say)
+    if embeddings is None:
+        raise typer.Exit(1)
+    say(f"{embeddings.path} ({'built' if embeddings.built else 'already built'})")
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,8 @@ never start leaves nothing behind in MLflow. It checks, against the nodes alive 
   written to once from here; a local path is probed from a task pinned to each node, so a
   shared filesystem mounted at the same path passes and a node-local disk is refused.
 
-`connect(address)` initialises Ray the way every driver in segtune does; `run_sweep` uses it.
+`connect(address)` initialises Ray the way every driver in segtune does (segtune.tune's
+`ray_session`); `experiment_dir` names a sweep's folder on that shared storage.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from segtune.config import ExperimentConfig
 from segtune.errors import ClusterError
+from segtune.ray_compat import reset_ray_auth_cache
 
 # Anything like s3://, gs://, abfs://, hdfs://; file:// is a local path spelled as a URI.
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -42,22 +44,9 @@ def storage_uri(path: str) -> str:
     return str(Path(path.removeprefix("file://")).expanduser().resolve())
 
 
-def _reload_auth() -> None:
-    """Make Ray read RAY_AUTH_MODE and the auth token afresh from the environment.
-
-    Ray caches both for the life of the process; a process that already ran a local Ray
-    (the default token in ~/.ray/auth_token) and now joins a cluster with another token
-    (RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN) would otherwise present the stale one and be
-    refused. Ray's own CLI resets the same cache after writing a token.
-    """
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:  # a Ray without token authentication: nothing is cached
-        return
-    Config.initialize("")
-    loader = AuthenticationTokenLoader.instance()
-    if hasattr(loader, "reset_cache"):  # private API: a Ray that lacks it keeps its old cache
-        loader.reset_cache()
+def experiment_dir(cfg: ExperimentConfig, sweep_id: str) -> str:
+    """The Tune experiment folder of a sweep, under `search.storage_path` (a path or a URI)."""
+    return f"{storage_uri(cfg.search.storage_path)}/{cfg.name}-{sweep_id}"
 
 
 def connect(address: str | None) -> bool:
@@ -70,7 +59,7 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    _reload_auth()
+    reset_ray_auth_cache()  # a token from this process's environment, not a cached one
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=True)
@@ -183,7 +172,7 @@ def unseen_paths(paths: list[Path], nodes: list[dict[str, Any]]) -> dict[str, li
             if ref not in ready:
                 unseen[node] = [f"{p} (no answer within {_PROBE_TIMEOUT_S:g} s)" for p in paths]
                 continue
-            missing = [str(p) for p, seen in zip(paths, ray.get(ref)) if not seen]
+            missing = [str(p) for p, seen in zip(paths, ray.get(ref), strict=True) if not seen]
             if missing:
                 unseen[node] = missing
         return unseen

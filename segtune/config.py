@@ -45,7 +45,14 @@ class ModelConfig(_Section):
     name: str
     variant: str
     checkpoint: str | None = None
+    # The YAML key is `train` (kept for existing files and logged params); the code calls it
+    # what it is, a freeze policy: which parameters train (`full`, `mask_decoder`, ...).
     train: str = "full"
+
+    @property
+    def freeze_policy(self) -> str:
+        """Which parameters train: `full`, `mask_decoder`, `adapter` or `decoder` (YAML `model.train`)."""
+        return self.train
 
     @property
     def key(self) -> str:
@@ -96,7 +103,7 @@ class SearchDim(_Section):
     randint: tuple[int, int] | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "SearchDim":
+    def _exactly_one(self) -> SearchDim:
         given = [k for k in ("loguniform", "uniform", "choice", "randint") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of loguniform: [low, high], uniform: [low, high], "
@@ -146,7 +153,7 @@ class ResourcesConfig(_Section):
     loader_workers: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
-    def _per_worker(self) -> "ResourcesConfig":
+    def _per_worker(self) -> ResourcesConfig:
         if self.workers > 1 and self.gpu and (self.gpu / self.workers) > 1 and self.gpu % self.workers:
             raise ValueError(f"gpu={self.gpu:g} does not split evenly over workers={self.workers}")
         return self

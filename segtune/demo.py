@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tracking.registry import Promotion
@@ -37,7 +38,7 @@ class PairResult:
     key: str
     sweep_id: str
     trials: int
-    champion: "Promotion"
+    champion: Promotion
     val_dice_best: float
     test_iou: float
     untrained_test_iou: float
@@ -48,9 +49,10 @@ def run_demo(files: list[Path], *, tracking_uri: str | None, quick: bool, home: 
     """Run the demo over each experiment file (one model/dataset pair each); returns their results."""
     from mlflow.tracking import MlflowClient
 
+    from segtune.commands import promote_best, run_sweep, untrained_test_iou
     from segtune.config import load_config
-    from segtune.launch import prepare_data, sweep, untrained_test_iou
-    from segtune.report import print_pairs, print_runs, promote_and_print
+    from segtune.console import print_pairs, print_runs
+    from segtune.prepare import prepare_data
     from tracking.server import check_server, start_server
 
     t0 = time.time()
@@ -72,9 +74,9 @@ def run_demo(files: list[Path], *, tracking_uri: str | None, quick: bool, home: 
         baseline = untrained_test_iou(cfg, store)
         log(f"[3/4] sweep {n}/{len(cfgs)}: {cfg.model.key} on {cfg.dataset.name}, {cfg.search.num_samples} trials, "
             f"Optuna TPE + ASHA on {cfg.search.metric}, {cfg.search.max_concurrent} at a time")
-        outcome = sweep(cfg, log=log)
+        outcome = run_sweep(cfg, log=log)
         log(f"[4/4] promoting the best {cfg.model.key} trial by val/dice_best")
-        promotion = promote_and_print(tracking_uri, cfg.tracking.experiment, sweep_id=outcome.sweep_id, log=log)
+        promotion = promote_best(tracking_uri, cfg.tracking.experiment, sweep_id=outcome.sweep_id, log=log)
         print_runs(tracking_uri, cfg.tracking.experiment, outcome.sweep_id, champion_run=promotion.run_id)
         best = MlflowClient(tracking_uri).get_run(promotion.run_id).data.metrics
         results.append(PairResult(f"{cfg.model.key} / {cfg.dataset.name}", outcome.sweep_id, cfg.search.num_samples,

@@ -21,13 +21,21 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from segtune.config import ExperimentConfig, PromptSearchConfig, apply_params, flatten, load_config, validate
+from segtune.config import (
+    ExperimentConfig,
+    PromptSearchConfig,
+    apply_params,
+    flatten,
+    load_config,
+    validate,
+)
 from segtune.errors import ConfigError
 
 Log = Callable[[str], None]
@@ -88,18 +96,14 @@ def check(cfg: ExperimentConfig) -> PromptSearchConfig:
 def run_search(cfg: ExperimentConfig, ctx: SearchContext, texts: list[str], *, address: str | None) -> None:
     """The Tune study: OptunaSearch over the candidates, FIFO (a trial is one scoring pass)."""
     import optuna
-    import ray
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from segtune.cluster import connect, storage_uri
+    from segtune.tune import build_tuner, ray_session
 
     ps = cfg.prompt_search
     assert ps is not None
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # as segtune.sweep: no wide status tables
-    started = connect(address)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+    with ray_session(address):
         num = ps.num_samples or len(texts)
         # Enqueued, every candidate is scored once, in order; TPE proposes any trials beyond.
         enqueue = [{DIM: t} for t in texts[:num]] if ps.num_samples is None else None
@@ -107,21 +111,14 @@ def run_search(cfg: ExperimentConfig, ctx: SearchContext, texts: list[str], *, a
                                 points_to_evaluate=enqueue)
         trainable = tune.with_resources(tune.with_parameters(_score_trial, base=cfg.model_dump(), ctx=ctx),
                                         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
-        tune.Tuner(
-            trainable, param_space={DIM: tune.choice(texts)},
+        build_tuner(
+            cfg, trainable, name=f"{cfg.name}-prompts-{ctx.search_id}", param_space={DIM: tune.choice(texts)},
             tune_config=tune.TuneConfig(metric=f"{ps.split}/{ps.metric}", mode="max", search_alg=searcher,
                                         num_samples=num, max_concurrent_trials=cfg.search.max_concurrent,
                                         # A trial is one short scoring pass: keep the worker (and
                                         # its imported torch) for the next candidate.
                                         reuse_actors=True),
-            run_config=tune.RunConfig(name=f"{cfg.name}-prompts-{ctx.search_id}",
-                                      storage_path=storage_uri(cfg.search.storage_path),
-                                      failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-                                      verbose=0),
         ).fit()
-    finally:
-        if started:
-            ray.shutdown()
 
 
 @dataclass
@@ -137,8 +134,9 @@ class SearchOutcome:
 def prompt_search(cfg: ExperimentConfig, *, address: str | None = None, write: list[Path] | None = None,
                   log: Log = print) -> SearchOutcome:
     """Run the search, log it, write the best prompt (and into `write` files); see the module doc."""
-    from segtune.launch import check_names, prepare_data
+    from segtune.prepare import check_names, prepare_data
     from segtune.provenance import git_sha
+    from segtune.trial import run_tags
     from tracking.evals import PROMPT_SEARCH, SEARCH, child_runs, end_run, open_run
     from tracking.runs import quiet_mlflow
     from tracking.server import check_server
@@ -154,8 +152,7 @@ def prompt_search(cfg: ExperimentConfig, *, address: str | None = None, write: l
     parent = open_run(cfg.tracking.uri, cfg.tracking.experiment, kind=PROMPT_SEARCH, sweep_id=search_id,
                       run_name=f"prompt search {cfg.model.key} {cfg.dataset.name} ({len(texts)} prompts)",
                       params={**flatten(cfg), "prompt_search.texts": texts},
-                      tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
-                            "segtune.git_sha": git_sha(), "segtune.data_hash": data_hash,
+                      tags={**run_tags(cfg, git_sha=git_sha(), data_hash=data_hash),
                             "segtune.name": cfg.name, SEARCH: "prompt",
                             # The run's description in the MLflow UI.
                             "mlflow.note.content": f"Prompt search for {cfg.name}: {len(texts)} text prompts "

@@ -11,8 +11,8 @@ look at the mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -131,7 +131,7 @@ class PromptBatch:
     boxes: torch.Tensor | None = None  # (B,4)
     texts: list[str] | None = None
 
-    def to(self, device: torch.device, **_: object) -> "PromptBatch":
+    def to(self, device: torch.device, **_: object) -> PromptBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PromptBatch(move(self.points), move(self.labels), move(self.boxes), self.texts)
 

@@ -53,7 +53,7 @@ class SegtuneMaskModel(PythonModel):
             logits = self.model(x, prompts)
         return (logits[0, 0] > 0).numpy().astype(np.uint8)
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 — pyfunc passes raw input
+    def predict(self, context, model_input, params=None):
         items = model_input if isinstance(model_input, list) else [model_input]
         return [self._one(dict(item)) for item in items]
 

@@ -43,7 +43,8 @@ def eval_command(
 ) -> None:
     """Score a model zero-shot (SAM AMG, point/box prompts, CLIPSeg text) or any trained checkpoint."""
     from segtune.errors import ConfigError
-    from segtune.evaluate import evaluate_checkpoint, zero_shot as run_zero_shot
+    from segtune.evaluate import evaluate_checkpoint
+    from segtune.evaluate import zero_shot as run_zero_shot
 
     sources = sum(x is not None for x in (checkpoint, run, model)) + int(zero_shot)
     if sources != 1:

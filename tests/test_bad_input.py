@@ -51,7 +51,7 @@ def test_checkpoint_for_another_architecture_names_the_keys(tmp_path: Path, em_d
 class Payload:
     """Unpickling this would run code; weights_only=True must refuse it."""
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (print, ("pwned",))
 
 

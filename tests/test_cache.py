@@ -14,10 +14,10 @@ import torch
 
 from segtune.cache import build_or_open, decode_cached, encoder_frozen, for_trial
 from segtune.config import ExperimentConfig, load_config
-from segtune.launch import prepare_data
+from segtune.loaders import make_loaders
 from segtune.losses import LOSSES
 from segtune.models import build_model
-from segtune.train import make_loaders
+from segtune.prepare import prepare_data
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
 

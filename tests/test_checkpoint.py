@@ -289,10 +289,9 @@ def test_every_torch_load_is_weights_only() -> None:
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path: Path) -> None:
     from segtune.checkpoint import first_intact, save_checkpoint
-    from segtune.config import ExperimentConfig
+    from segtune.config import load_config
     from segtune.models import build_model
     from tests.conftest import DEMO
-    from segtune.config import load_config
 
     cfg: ExperimentConfig = load_config(DEMO)
     model = build_model(cfg.model)
@@ -360,7 +359,7 @@ def test_a_checkpoint_carrying_an_earlier_best_epoch_is_intact_and_restores(tiny
     `best/`, under its own manifest: a retried trial must find it intact (not fall back to an
     older checkpoint, or to epoch 1) and test the best epoch's weights."""
     from segtune.checkpoint import CARRIED, first_intact
-    from segtune.launch import prepare_data
+    from segtune.prepare import prepare_data
     from segtune.train import TrialContext, run_trial
     from tracking.artifacts import write_manifest
 
@@ -379,7 +378,7 @@ def test_a_checkpoint_carrying_an_earlier_best_epoch_is_intact_and_restores(tiny
         reported.append(Path(shutil.copytree(ckpt, tmp_path / "tune" / f"checkpoint_{metrics['epoch']}")))
 
     out = run_trial(apply_params(tiny_config, {"train.epochs": 3}),
-                    TrialContext(store=store, workdir=tmp_path / "b", report=report, resume_from=start,
+                    TrialContext(store=store, workdir=tmp_path / "b", report_epoch=report, resume_from=start,
                                  log=lambda _: None))
     assert [read_state(c)["epoch"] for c in reported] == [2, 3]
     for ckpt in reported:

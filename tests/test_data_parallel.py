@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from segtune.commands import run_sweep
 from segtune.config import load_config
-from segtune.launch import sweep
-from tracking.artifacts import sha256_file
 from tests.conftest import DEMO
+from tracking.artifacts import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def dp_sweep(tmp_path_factory, em_data, mlflow_server):
         f"tracking.uri={mlflow_server.uri}", "tracking.experiment=data-parallel",
     ])
     lines: list[str] = []
-    return cfg, sweep(cfg, log=lines.append), lines
+    return cfg, run_sweep(cfg, log=lines.append), lines
 
 
 def trial_runs(cfg, sweep_id):

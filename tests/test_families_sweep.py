@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
+from segtune.commands import run_sweep
 from segtune.config import load_config
-from segtune.launch import sweep
 from tests.conftest import DEMO
 
 FAMILIES = {
@@ -32,7 +32,7 @@ def test_one_trial_sweep_of_each_family(family: str, tmp_path, em_data, mlflow_s
         f"search.storage_path={tmp_path / 'ray'}",
         f"tracking.uri={mlflow_server.uri}", f"tracking.experiment=family-{family}",
     ])
-    outcome = sweep(cfg, log=lambda _: None)
+    outcome = run_sweep(cfg, log=lambda _: None)
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name(f"family-{family}")
     runs = client.search_runs([exp.experiment_id], filter_string=(

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from segtune.config import apply_params
-from segtune.launch import prepare_data
-from segtune.train import TrialContext, loader_options, run_trial
+from segtune.loaders import loader_options
+from segtune.prepare import prepare_data
+from segtune.train import TrialContext, run_trial
 
 
 def test_loader_workers_follow_the_trials_cpus(tiny_config) -> None:
@@ -55,7 +56,7 @@ def test_each_trial_gets_its_own_compile_setting_in_a_reused_process(tiny_config
 
 
 def test_segtune_train_says_that_workers_apply_to_sweeps_and_runs_one_process(tiny_config, tmp_path: Path) -> None:
-    from segtune.launch import train_one
+    from segtune.commands import train_one
 
     lines: list[str] = []
     cfg = apply_params(tiny_config, {"resources.workers": 2, "resources.cpu": 2, "train.epochs": 1})

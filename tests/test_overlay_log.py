@@ -10,10 +10,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from segtune.launch import prepare_data
+from segtune.loaders import make_loaders
 from segtune.models import build_model
 from segtune.overlay_log import ERROR_TAG, OverlayLog
-from segtune.train import make_loaders
+from segtune.prepare import prepare_data
 from tracking.runs import TrialRun
 
 
@@ -76,9 +76,8 @@ def test_a_trial_stopped_at_its_report_still_sends_its_figures(tiny_config) -> N
     model = build_model(cfg.model)
     _, val_dl, _, _ = make_loaders(cfg, store, lambda _: None)
     tracker = _tracker(cfg, cfg.tracking.experiment, "overlay-stopped")
-    with pytest.raises(SystemExit):
-        with OverlayLog(tracker, 2) as overlays:
-            overlays.log(model, val_dl, "overlays/epoch_005")
-            raise SystemExit(0)
+    with pytest.raises(SystemExit), OverlayLog(tracker, 2) as overlays:
+        overlays.log(model, val_dl, "overlays/epoch_005")
+        raise SystemExit(0)
     client = MlflowClient(cfg.tracking.uri)
     assert len(client.list_artifacts(tracker.run_id, "overlays/epoch_005")) == 2

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from segtune.commands import run_sweep
 from segtune.config import apply_params
-from segtune.launch import sweep
-from tracking.registry import check_alias
 from tracking.errors import TrackingError
+from tracking.registry import check_alias
 
 SEGTUNE = [sys.executable, "-m", "segtune.cli"]
 
@@ -38,7 +38,7 @@ def swept(tmp_path_factory, em_data, mlflow_server):
         f"search.storage_path={tmp / 'ray'}",
         f"tracking.uri={mlflow_server.uri}", "tracking.experiment=sweep-test",
     ])
-    return cfg, sweep(cfg, log=lambda _: None)
+    return cfg, run_sweep(cfg, log=lambda _: None)
 
 
 def test_one_finished_child_run_per_trial_under_one_parent(swept) -> None:
@@ -103,7 +103,7 @@ def test_promote_sets_champion_on_the_best_validation_run(swept, tmp_path) -> No
 
 
 def test_promote_refuses_unfinished_unscored_and_altered_runs(swept, mlflow_server) -> None:
-    cfg, outcome = swept
+    cfg, _ = swept
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name("sweep-test")
     running = client.create_run(exp.experiment_id, tags={"segtune.kind": "manual"})
@@ -145,7 +145,7 @@ def test_trial_params_apply_to_a_copy(swept) -> None:
 def test_racing_promotions_leave_champion_on_the_best(swept) -> None:
     import threading
 
-    from segtune.report import SERVING_CODE
+    from segtune.commands import SERVING_CODE
     from tracking.registry import promote
 
     cfg, outcome = swept

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from segtune.config import flatten
-from segtune.launch import prepare_data
+from segtune.prepare import prepare_data
 from segtune.train import TrialContext, run_trial
 from tracking.artifacts import verify_manifest
 from tracking.errors import TrackingError
@@ -76,3 +76,53 @@ def test_trials_log_overlays_during_training_and_at_the_end(tiny_config, tmp_pat
     during = [a.path for a in client.list_artifacts(tracker.run_id, "overlays/epoch_001")]
     final = [a.path for a in client.list_artifacts(tracker.run_id, "overlays") if a.path.endswith(".png")]
     assert len([p for p in during if p.endswith(".png")]) == 2 and len(final) == 2
+
+
+def test_an_untracked_trial_logs_to_the_null_tracker(tiny_config, tmp_path: Path) -> None:
+    """`segtune train --no-track`: no run anywhere, the same loop, checkpoints and scores."""
+    from segtune.config import apply_params
+    from segtune.train import NullTracker
+
+    cfg = apply_params(tiny_config, {"eval.overlay_every": 1})  # figures asked for: nothing to send them to
+    store, _ = prepare_data(cfg, log=lambda _: None)
+    ctx = TrialContext(store=store, workdir=tmp_path / "trial", log=lambda _: None)
+    assert isinstance(ctx.tracker, NullTracker) and ctx.tracker.offline
+    out = run_trial(cfg, ctx)
+    assert 0.0 <= out["test/iou"] <= 1.0 and out["best_epoch"] in (1, 2)
+    assert (tmp_path / "trial" / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert MlflowClient(cfg.tracking.uri).get_experiment_by_name(cfg.tracking.experiment) is None
+
+
+def test_null_tracker_and_trial_run_both_speak_the_tracker_protocol(tiny_config) -> None:
+    import typing
+
+    from segtune.train import NullTracker, Tracker
+
+    members = {n for n in vars(Tracker) if not n.startswith("_")} | set(typing.get_type_hints(Tracker))
+    assert {"log_metrics", "flush", "log_checkpoint", "upload", "set_tags", "fail", "finish", "offline"} <= members
+    cfg = tiny_config
+    run = TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="s", trial_id="protocol",
+                        parent_run_id=None, params={}, tags={})
+    for tracker in (NullTracker(), run):
+        assert [m for m in sorted(members) if not hasattr(tracker, m)] == [], type(tracker).__name__
+    run.finish()
+
+
+def test_tracked_ends_a_failing_run_with_its_reason_and_lets_stops_through(tiny_config) -> None:
+    from segtune.trial import tracked
+
+    cfg = tiny_config
+    client = MlflowClient(cfg.tracking.uri)
+    run = TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="s", trial_id="fails",
+                        parent_run_id=None, params={}, tags={})
+    with pytest.raises(RuntimeError, match="boom"), tracked(run):
+        raise RuntimeError("boom")
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FAILED" and "RuntimeError: boom" in got.data.tags["segtune.error"]
+
+    stopped = TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="s", trial_id="stopped",
+                            parent_run_id=None, params={}, tags={})
+    with pytest.raises(SystemExit), tracked(stopped, passes=(SystemExit,)):
+        raise SystemExit(0)  # Tune stopping a trial: the driver closes the run
+    assert client.get_run(stopped.run_id).info.status == "RUNNING"
+    stopped.finish()

@@ -7,8 +7,8 @@ and boolean masks, and `segtune report` draws from what MLflow returns.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -80,7 +80,7 @@ def plot_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], path: 
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key in zip(axes, ("train/dice_loss", "val/dice")):
+    for ax, key in zip(axes, ("train/dice_loss", "val/dice"), strict=True):
         for trial, metrics in sorted(histories.items()):
             points = sorted(metrics.get(key, []))
             if points:
@@ -108,7 +108,7 @@ def plot_bars(rows: list[str], series: dict[str, list[float | None]], thesis: di
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(rows))]
         ours = [v if v is not None else 0.0 for v in series[name]]
         ax.bar(xs, ours, width, label=name)
-        refs = [(x, v) for x, v in zip(xs, thesis.get(name, [])) if v is not None]
+        refs = [(x, v) for x, v in zip(xs, thesis.get(name, []), strict=False) if v is not None]
         if refs:
             ax.scatter([x for x, _ in refs], [v for _, v in refs], marker="_", s=160, c="black", zorder=3,
                        label="thesis" if j == 0 else None)

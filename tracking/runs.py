@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import requests
-from mlflow.exceptions import MlflowException
-
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -112,7 +112,7 @@ class TrialRun:
     @classmethod
     def open(cls, uri: str, experiment: str, *, sweep_id: str, trial_id: str, parent_run_id: str | None,
              params: dict[str, Any], tags: dict[str, str], spool_dir: Path | None = None,
-             name: str | None = None) -> "TrialRun":
+             name: str | None = None) -> TrialRun:
         """Open the trial's run, or reattach to the one it already has (a retry or resume)."""
         client = MlflowClient(uri)
         exp_id = experiment_id(client, experiment)
@@ -173,6 +173,11 @@ class TrialRun:
         write_manifest(Path(path))
         self._send({"type": "artifacts", "local_dir": str(path), "artifact_path": artifact_path},
                    lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
+
+    def upload(self, local_dir: Path, artifact_path: str) -> None:
+        """Upload a folder's files now, straight to the server and never spooled (figures: a
+        server that is away or refuses raises, and the caller decides what that costs)."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def fail(self, err: BaseException) -> None:
         """End the run because of `err`: the reason as tag `segtune.error`, status KILLED for

@@ -14,60 +14,14 @@ real reader.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segtune.data import cityscapes, corsican_fire, folder, lucchi_em, qata_cov19, synthetic
-from segtune.data.raw import DataProblems, RawDataset, RawItem, Target, check_dataset
+from segtune.data.raw import DataProblems, RawDataset, RawItem, Target
+from segtune.data.registry import DATASETS, OPTION_FIELDS, SYNTH, TWINS, check_dataset
 from segtune.data.store import SegDataset, Store, open_store, prepare_store
 from segtune.data.synthetic import synth_em
-from segtune.data.synthetic_layouts import (synth_cityscapes, synth_fire, synth_folder,
-                                            synth_qata)
-
-#: Real dataset name -> writer of its synthetic twin, ``write(out, *, seed) -> out``.
-SYNTH: dict[str, Callable[..., Path]] = {
-    "cityscapes": synth_cityscapes,
-    "corsican_fire": synth_fire,
-    "lucchi_em": synth_em,
-    "qata_cov19": synth_qata,
-    "folder": synth_folder,
-}
-#: Synthetic dataset name -> the real dataset whose layout it writes.
-TWINS = {"synthetic_cityscapes": "cityscapes", "synthetic_fire": "corsican_fire",
-         "synthetic_em": "lucchi_em", "synthetic_qata": "qata_cov19",
-         "synthetic_folder": "folder"}
-#: DatasetConfig fields that are dataset options (builder keyword arguments) when set.
-OPTION_FIELDS = ("classes", "description_file", "test_fraction", "split_seed")
-
-
-def _twin(real: str) -> Callable[..., RawDataset]:
-    """A builder that writes the synthetic twin into an empty or missing root, then reads
-    it with the real dataset's builder (whose options it takes)."""
-    read = DATASETS[real]
-
-    @functools.wraps(read)
-    def build(root: Path, **options: Any) -> RawDataset:
-        root = Path(root)
-        if not root.is_dir() or not any(root.iterdir()):
-            SYNTH[real](root)
-        return read(root, **options)
-
-    build.__doc__ = f"Synthetic {real}: written into ``root`` if it is empty, then read."
-    return build
-
-
-DATASETS: dict[str, Callable[..., RawDataset]] = {
-    "cityscapes": cityscapes.build,
-    "corsican_fire": corsican_fire.build,
-    "lucchi_em": lucchi_em.build,
-    "qata_cov19": qata_cov19.build,
-    "folder": folder.build,
-}
-DATASETS.update({name: _twin(real) for name, real in TWINS.items() if name != "synthetic_em"})
-# The EM twin keeps its own builder: it regenerates when any of the four stacks is missing.
-DATASETS["synthetic_em"] = synthetic.build
+from segtune.data.synthetic_layouts import synth_cityscapes, synth_fire, synth_folder, synth_qata
 
 
 def synthesize(name: str, out: Path, seed: int = 0) -> str:

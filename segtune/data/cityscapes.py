@@ -90,8 +90,8 @@ def build(root: Path, *, classes: Sequence[str] | None = None) -> RawDataset:
         masks = {p.relative_to(label_dir).as_posix()[:-len(LABEL_SUFFIX)]: p
                  for p in label_dir.glob(f"*/*{LABEL_SUFFIX}")}
         pairs, missing = pair_up(images, masks,
-                                 lambda key: label_dir / f"{key}{LABEL_SUFFIX}",
-                                 lambda key: image_dir / f"{key}{IMAGE_SUFFIX}")
+                                 lambda key, d=label_dir: d / f"{key}{LABEL_SUFFIX}",
+                                 lambda key, d=image_dir: d / f"{key}{IMAGE_SUFFIX}")
         problems += missing
         entries[split] = tuple((image, mask) for _, image, mask in pairs)
         files += [path for pair in entries[split] for path in pair]

@@ -62,8 +62,8 @@ def build(root: Path, *, description_file: str | Sequence[str] | None = None) ->
                      f"to be named after its image, e.g. {PREFIX}covid_1.png for covid_1.png."
                      for p in image_files(mask_dir) if not p.stem.startswith(PREFIX)]
         pairs, missing = pair_up(images, masks,
-                                 lambda key: mask_dir / f"{PREFIX}{key}.png",
-                                 lambda key: image_dir / f"{key}.png")
+                                 lambda key, d=mask_dir: d / f"{PREFIX}{key}.png",
+                                 lambda key, d=image_dir: d / f"{key}.png")
         problems += missing
         entries[split] = tuple((image, mask) for _, image, mask in pairs)
 

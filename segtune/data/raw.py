@@ -14,7 +14,6 @@ is found nothing more is handed on, but reading continues so the report is compl
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,28 +115,6 @@ class ScanCounts:
 Sink = Callable[[str, RawItem, Patch, list[tuple[Target, np.ndarray]]], None]
 
 
-def resolve(name: str, root: Path, options: Mapping[str, Any] | None = None) -> RawDataset:
-    """Look ``name`` up in ``DATASETS`` and build it; ConfigError for unknown names/options.
-
-    Options are the builder's keyword-only parameters (e.g. ``classes`` for cityscapes), so
-    an option a dataset does not take is refused instead of silently ignored.
-    """
-    from segtune.data import DATASETS  # the registry imports this module
-
-    if name not in DATASETS:
-        raise ConfigError(f"Unknown dataset {name!r} in dataset.name; known datasets: "
-                          f"{', '.join(sorted(DATASETS))}.")
-    builder = DATASETS[name]
-    accepted = [p.name for p in inspect.signature(builder).parameters.values()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options or {}) - set(accepted))
-    if unknown:
-        raise ConfigError(f"dataset.{unknown[0]}: the {name} dataset has no option "
-                          f"{', '.join(unknown)}; its options are "
-                          f"{', '.join(accepted) if accepted else 'none'}.")
-    return builder(Path(root), **dict(options or {}))
-
-
 def cut(item: RawItem, size: int, fit: str) -> Iterator[Patch]:
     """The item's patches: non-overlapping tiles (borders dropped) or one resized square.
 
@@ -199,7 +176,7 @@ def scan(name: str, raw: RawDataset, *, patch_size: int, fit: str, drop_empty: b
                 tiles = 0
                 for patch in cut(item, patch_size, fit):
                     tiles += 1
-                    kept = [(target, mask) for target, mask in zip(item.targets, patch.masks)
+                    kept = [(target, mask) for target, mask in zip(item.targets, patch.masks, strict=True)
                             if not drop_empty or mask.any()]
                     counts.dropped_empty[split] += len(item.targets) - len(kept)
                     counts.samples[split] += len(kept)
@@ -234,19 +211,3 @@ def _empty_problem(raw: RawDataset, split: str, counts: ScanCounts, size: int, f
                        f"empty (dataset.drop_empty={str(drop_empty).lower()})")
     return (f"{raw.root}: the {split} split is empty after cutting into {size}x{size} "
             f"patches ({fit}) and filtering: {'; '.join(reasons)}; expected at least one sample.")
-
-
-def check_dataset(name: str, root: Path, *, patch_size: int = 256, drop_empty: bool = True,
-                  fit: str | None = None, options: Mapping[str, Any] | None = None,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Validate every raw file of a dataset without writing anything (``segtune data check``).
-
-    Returns counts per raw split (items, samples, dropped as empty) and per class; raises
-    :class:`DataProblems` listing every problem, each naming its file.
-    """
-    raw = resolve(name, Path(root), options)
-    counts = scan(name, raw, patch_size=patch_size, fit=fit or raw.fit, drop_empty=drop_empty,
-                  where=f"in the {name} data at {raw.root}",
-                  say=progress or (lambda line: None))
-    return {"dataset": name, "root": str(raw.root), "fit": fit or raw.fit,
-            "patch_size": patch_size, **counts.summary()}

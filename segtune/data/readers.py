@@ -92,8 +92,8 @@ def binary_mask(values: np.ndarray, path: Path, what: str = "foreground") -> np.
     """
     if values.dtype == bool:
         return values.view(np.uint8)
-    if not np.issubdtype(values.dtype, np.integer) or values.size and (
-            values.min() < 0 or values.max() > 255):
+    if not np.issubdtype(values.dtype, np.integer) or (values.size and (
+            values.min() < 0 or values.max() > 255)):
         low, high = (values.min(), values.max()) if values.size else (0, 0)
         raise DataError(f"{path}: {values.dtype} labels in [{low}, {high}]; expected 0 "
                         f"(background) and 255 or 1 ({what}) for this binary task.")

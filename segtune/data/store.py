@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segtune.data.raw import Patch, RawDataset, RawItem, Target, resolve, scan
+from segtune.data.raw import Patch, RawDataset, RawItem, Target, scan
+from segtune.data.registry import resolve
 from segtune.errors import DataError
 
 FORMAT_VERSION = 2
@@ -124,7 +125,7 @@ class _Appender:
 
     def __init__(self, path: Path, row_shape: tuple[int, ...]) -> None:
         self.path, self.row_shape, self.count = path, row_shape, 0
-        self.file: BinaryIO = open(path, "wb")
+        self.file: BinaryIO = open(path, "wb")  # noqa: SIM115 — closed by close()
         self._header()
         self.offset = self.file.tell()
 
@@ -287,6 +288,13 @@ class SegDataset(Dataset):
         if n < 0:
             raise ValueError(f"subset size must be >= 0, got {n}")
         return SegDataset(self.path, self.indices[:n], self.split)
+
+    def with_foreground(self) -> SegDataset:
+        """The samples whose mask has some foreground (point and box prompts need it); this
+        split itself when every sample has."""
+        masks = np.load(self.path / "masks.npy", mmap_mode="r")
+        keep = [i for i in self.indices if masks[i].any()]
+        return SegDataset(self.path, keep, self.split) if len(keep) < len(self.indices) else self
 
 
 class Store:

@@ -6,7 +6,7 @@ and training policy (which may add modules, such as SAM's encoder adapters).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -36,7 +36,7 @@ def build_model(cfg: ModelConfig) -> Segmenter:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
         model = MODELS[cfg.name](cfg)
-    model.set_policy(cfg.train)
+    model.set_policy(cfg.freeze_policy)
     return model
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -15,10 +15,21 @@ class Segmenter(nn.Module):
     """Images + prompts in, mask logits `(B,1,H,W)` at the input size out.
 
     Subclasses implement `encode` (the image encoder, cacheable when frozen), `decode` (prompt
-    encoder + mask decoder on encoder output) and `parameter_groups(policy)`.
+    encoder + mask decoder on encoder output) and `trainable_parameters(policy)`. A family
+    whose `encode` output the embedding cache (segtune.cache) may keep sets
+    `cacheable_encoder` and answers the cache's questions: `encoder_state`, `encoder_trains`,
+    `embedding_batch_axis`, and the preprocessing in `image_size` and `keep_aspect`.
     """
 
     policies: tuple[str, ...] = ()
+    #: The side of the square image the encoder takes.
+    image_size: int
+    #: True when the input's aspect is kept (resize the long side, pad); False: resized square.
+    keep_aspect: bool = False
+    #: True when `encode(images)` may be computed once and reused while the encoder is frozen.
+    cacheable_encoder: bool = False
+    #: The batch axis of what `encode` returns (CLIPSeg stacks its layers first).
+    embedding_batch_axis: int = 0
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -26,8 +37,18 @@ class Segmenter(nn.Module):
     def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, size: tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
 
-    def parameter_groups(self, policy: str) -> list[nn.Parameter]:
+    def trainable_parameters(self, policy: str) -> list[nn.Parameter]:
+        """The parameters a freeze policy (`model.train` in the YAML) leaves trainable."""
         raise NotImplementedError
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """Everything `encode` reads besides the image: the encoder's weights and pixel
+        statistics (the embedding cache's key hashes them)."""
+        raise NotImplementedError(f"{type(self).__name__} has no cacheable encoder")
+
+    def encoder_trains(self) -> bool:
+        """True when some parameter the encoder pass uses trains under the current policy."""
+        raise NotImplementedError(f"{type(self).__name__} has no cacheable encoder")
 
     def forward(self, images: torch.Tensor, prompts: PromptBatch,
                 embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,8 +64,8 @@ class Segmenter(nn.Module):
         return self.decode(embeddings, prompts, tuple(images.shape[-2:]))
 
     def set_policy(self, policy: str) -> list[nn.Parameter]:
-        """Freeze everything but the policy's parameters; return those."""
-        trainable = self.parameter_groups(policy)
+        """Freeze everything but the freeze policy's trainable parameters; return those."""
+        trainable = self.trainable_parameters(policy)
         ids = {id(p) for p in trainable}
         for p in self.parameters():
             p.requires_grad_(id(p) in ids)

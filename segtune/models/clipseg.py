@@ -25,6 +25,7 @@ from segtune.config import ModelConfig
 from segtune.errors import CheckpointError, ConfigError
 from segtune.models.base import Segmenter
 from segtune.prompts import PromptBatch
+from segtune.ray_compat import version_counter
 
 TINY_TOKENIZER = Path(__file__).with_name("assets") / "tiny_clip_tokenizer"
 HF_IDS = {"rd64-refined": "CIDAS/clipseg-rd64-refined", "rd64": "CIDAS/clipseg-rd64", "rd16": "CIDAS/clipseg-rd16"}
@@ -54,6 +55,8 @@ def _features(out) -> torch.Tensor:
 
 class ClipSegSegmenter(Segmenter):
     policies = ("decoder", "full")
+    cacheable_encoder = True
+    embedding_batch_axis = 1  # encode stacks the extracted layers first: (L, B, tokens, C)
 
     def __init__(self, model: nn.Module, tokenizer, image_size: int):
         super().__init__()
@@ -65,7 +68,15 @@ class ClipSegSegmenter(Segmenter):
         self._text_memo: dict[str, torch.Tensor] = {}
         self._text_memo_key: tuple | None = None
 
-    def parameter_groups(self, policy: str) -> list[nn.Parameter]:
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        state = {f"vision_model.{k}": v for k, v in self.model.clip.vision_model.state_dict().items()}
+        state.update(mean=self.mean, std=self.std, extract_layers=torch.tensor(list(self.model.extract_layers)))
+        return state
+
+    def encoder_trains(self) -> bool:
+        return any(p.requires_grad for p in self.model.clip.vision_model.parameters())
+
+    def trainable_parameters(self, policy: str) -> list[nn.Parameter]:
         if policy == "decoder":
             return list(self.model.decoder.parameters())
         if policy == "full":
@@ -97,7 +108,7 @@ class ClipSegSegmenter(Segmenter):
             # Nothing upstream trains, so no graph is needed; clone so each row owns its storage.
             with torch.no_grad():
                 rows = self._run_text_tower(missing, device)
-            self._text_memo.update((t, row.clone()) for t, row in zip(missing, rows))
+            self._text_memo.update((t, row.clone()) for t, row in zip(missing, rows, strict=True))
         return torch.stack([self._text_memo[t] for t in texts])
 
     def _run_text_tower(self, texts: list[str], device: torch.device) -> torch.Tensor:
@@ -121,7 +132,7 @@ class ClipSegSegmenter(Segmenter):
         if clip.text_model.training and self.model.config.text_config.attention_dropout > 0:
             return None
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        return (device, autocast, tuple((p.data_ptr(), p._version) for p in params))
+        return (device, autocast, tuple((p.data_ptr(), version_counter(p)) for p in params))
 
     def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, size: tuple[int, int]) -> torch.Tensor:
         if not prompts.texts:

@@ -92,7 +92,7 @@ class PaSamSegmenter(SamSegmenter):
         self.adapter = PromptAdapter(sam.prompt_encoder.embed_dim, grid)
         self._detail: torch.Tensor | None = None
 
-    def parameter_groups(self, policy: str) -> list[nn.Parameter]:
+    def trainable_parameters(self, policy: str) -> list[nn.Parameter]:
         if policy == "adapter":
             return list(self.adapter.parameters())
         if policy == "full":

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
 from torch import nn
 
 from segtune.config import ModelConfig
@@ -107,6 +113,7 @@ class SamSegmenter(Segmenter):
     """
 
     policies = ("full", "mask_decoder", "adapter")
+    cacheable_encoder = True
 
     def __init__(self, sam: Sam, *, keep_aspect: bool = True):
         super().__init__()
@@ -115,7 +122,7 @@ class SamSegmenter(Segmenter):
         self.keep_aspect = keep_aspect
         self.adapters: nn.ModuleList | None = None
 
-    def parameter_groups(self, policy: str) -> list[nn.Parameter]:
+    def trainable_parameters(self, policy: str) -> list[nn.Parameter]:
         if policy == "full":
             return list(self.parameters())
         if policy == "mask_decoder":
@@ -124,6 +131,15 @@ class SamSegmenter(Segmenter):
             return list(self.adapters.parameters()) + list(self.sam.mask_decoder.parameters())
         raise ConfigError(f"model.train: {type(self).__name__} has no policy {policy!r} here; "
                           f"expected one of {', '.join(self.policies)}")
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        state = {f"image_encoder.{k}": v for k, v in self.sam.image_encoder.state_dict().items()}
+        state.update(pixel_mean=self.sam.pixel_mean, pixel_std=self.sam.pixel_std)
+        return state
+
+    def encoder_trains(self) -> bool:
+        # The encoder adapters live inside the image encoder: `adapter` trains it too.
+        return any(p.requires_grad for p in self.sam.image_encoder.parameters())
 
     def geometry(self, h: int, w: int) -> tuple[float, float, tuple[int, int]]:
         """(x scale, y scale, resized size) from an input of size (h, w) to the encoder's input."""
@@ -229,7 +245,7 @@ def _build(cfg: ModelConfig, wrapper: type[SamSegmenter], family: str, weights_f
     if cfg.checkpoint is not None:
         _load_official(sam, Path(cfg.checkpoint))
     model = wrapper(sam)
-    if cfg.train == "adapter":
+    if cfg.freeze_policy == "adapter":
         model.adapters = add_adapters(sam)  # after loading: the official keys know no adapters
     return model
 

@@ -150,7 +150,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 break
             except requests.ConnectionError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start:\n{log.read_text()[-2000:]}")
+                    raise RuntimeError(f"moto_server did not start:\n{log.read_text()[-2000:]}") from None
                 time.sleep(0.2)
         boto3.client("s3", endpoint_url=endpoint, **_boto_kwargs()).create_bucket(Bucket=BUCKET)
         yield S3Server(endpoint, BUCKET)
@@ -249,7 +249,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
 @pytest.fixture
 def cluster_env(ray_cluster: RayCluster, s3_server: S3Server) -> Iterator[RayCluster]:
     """This process as a driver of the test cluster: its token and the S3 endpoint, then restored."""
-    from segtune.cluster import _reload_auth
+    from segtune.ray_compat import reset_ray_auth_cache
 
     values = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_cluster.token_path),
               **s3_server.env()}
@@ -264,4 +264,4 @@ def cluster_env(ray_cluster: RayCluster, s3_server: S3Server) -> Iterator[RayClu
             else:
                 os.environ[key] = old
         # Ray caches the token per process; a later local Ray must not present this one.
-        _reload_auth()
+        reset_ray_auth_cache()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from segtune.commands import run_sweep
 from segtune.config import ExperimentConfig, load_config
 from segtune.errors import ClusterError
-from segtune.launch import sweep
 from tests.conftest import DEMO
 
 
@@ -43,7 +43,7 @@ def runs_of(uri: str, experiment: str, sweep_id: str | None = None) -> list:
 
 def test_trials_run_on_both_nodes_and_finish(cluster_env, tmp_path, em_data, mlflow_server) -> None:
     cfg = cluster_config(tmp_path, em_data, mlflow_server.uri, "cluster-multinode")
-    outcome = sweep(cfg, address=cluster_env.address, log=lambda _: None)
+    outcome = run_sweep(cfg, address=cluster_env.address, log=lambda _: None)
 
     runs = runs_of(mlflow_server.uri, "cluster-multinode", outcome.sweep_id)
     parents = [r for r in runs if r.data.tags["segtune.kind"] == "sweep"]
@@ -64,7 +64,7 @@ def test_a_trial_larger_than_every_node_is_refused(resources, needle, cluster_en
     experiment = f"cluster-refused-{tmp_path.name}"
     cfg = cluster_config(tmp_path, em_data, mlflow_server.uri, experiment, *resources)
     with pytest.raises(ClusterError) as err:
-        sweep(cfg, address=cluster_env.address, log=lambda _: None)
+        run_sweep(cfg, address=cluster_env.address, log=lambda _: None)
     message = str(err.value)
     # The message names the request and lists the cluster's nodes with what they have.
     assert needle in message and "1 CPU, 0 GPU" in message and message.count("node ") >= 2
@@ -79,7 +79,7 @@ def test_local_storage_a_node_cannot_see_is_refused(field, cluster_env, tmp_path
     experiment = f"cluster-storage-{tmp_path.name}"
     cfg = cluster_config(tmp_path, em_data, mlflow_server.uri, experiment, f"{field}={storage}")
     with pytest.raises(ClusterError, match="every node sees") as err:
-        sweep(cfg, address=cluster_env.address, log=lambda _: None)
+        run_sweep(cfg, address=cluster_env.address, log=lambda _: None)
     assert str(storage) in str(err.value) and field in str(err.value)
     assert runs_of(mlflow_server.uri, experiment) == []
 

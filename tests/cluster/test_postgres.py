@@ -20,7 +20,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from segtune.launch import sweep
+from segtune.commands import run_sweep
 from tests.cluster.conftest import REPO, S3Server, free_port
 from tests.cluster.pg import Postgres, find_pg_bin, start_postgres
 from tests.cluster.test_multinode import cluster_config, runs_of
@@ -81,7 +81,7 @@ def tune_results(experiment_dir: Path) -> dict[str, list[dict]]:
 
 def test_concurrent_trials_lose_no_metric_point(cluster_env, team_server, s3_server, tmp_path, em_data) -> None:
     cfg = cluster_config(tmp_path, em_data, team_server.uri, "team-sweep")
-    outcome = sweep(cfg, address=cluster_env.address, log=lambda _: None)
+    outcome = run_sweep(cfg, address=cluster_env.address, log=lambda _: None)
 
     client = MlflowClient(team_server.uri)
     assert len(client.search_experiments(filter_string="name = 'team-sweep'")) == 1
@@ -123,7 +123,7 @@ def run_together(n: int, work) -> list:
         try:
             barrier.wait()
             results[i] = work(i)
-        except BaseException as err:  # noqa: BLE001 - reported below
+        except BaseException as err:
             errors.append(err)
 
     threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from segtune.cluster import check_uri_storage, storage_uri
+from segtune.commands import run_sweep
 from segtune.errors import ClusterError
-from segtune.launch import sweep
 from tests.cluster.test_multinode import cluster_config, runs_of
 
 
@@ -19,7 +19,7 @@ def test_sweep_checkpoints_land_in_the_bucket(cluster_env, s3_server, tmp_path, 
     cfg = cluster_config(tmp_path, em_data, mlflow_server.uri, "cluster-s3",
                          f"search.storage_path=s3://{s3_server.bucket}/{prefix}",
                          "search.num_samples=2", "search.space.train.epochs={choice: [1]}")
-    outcome = sweep(cfg, address=cluster_env.address, log=lambda _: None)
+    outcome = run_sweep(cfg, address=cluster_env.address, log=lambda _: None)
 
     trials = [r for r in runs_of(mlflow_server.uri, "cluster-s3", outcome.sweep_id)
               if r.data.tags["segtune.kind"] == "trial"]

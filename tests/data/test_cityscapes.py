@@ -111,7 +111,7 @@ def test_a_car_at_a_known_place_lines_up_with_its_pixels(tmp_path: Path) -> None
     # Rows 100-150 and columns 200-300 touch four of the eight 128x128 tiles.
     assert {(s["y"], s["x"]) for s in tiled.index["samples"]} == {
         (0, 128), (0, 256), (128, 128), (128, 256)}
-    for sample, mask in zip(tiled.index["samples"], np.load(tiled.path / "masks.npy")):
+    for sample, mask in zip(tiled.index["samples"], np.load(tiled.path / "masks.npy"), strict=False):
         y, x = sample["y"], sample["x"]
         assert np.array_equal(mask, labels[y:y + 128, x:x + 128] == CAR)
 

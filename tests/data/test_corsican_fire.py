@@ -53,7 +53,7 @@ def test_tiles_counts_and_split_by_image(fire: Path, tmp_path: Path) -> None:
                    for x in range(0, m.shape[1] - 255, 256))
     assert len(kept.index["samples"]) == nonempty
     assert sum(kept.index["counts"]["dropped_empty"].values()) == sum(tiles.values()) - nonempty
-    for sample, mask in zip(kept.index["samples"], np.load(kept.path / "masks.npy")):
+    for sample, mask in zip(kept.index["samples"], np.load(kept.path / "masks.npy"), strict=False):
         y, x = sample["y"], sample["x"]
         assert np.array_equal(mask, masks[sample["source"]][y:y + 256, x:x + 256])
         assert sample["class"] == "fire" and sample["text"] == ""

@@ -42,7 +42,7 @@ def test_colour_tiles_and_a_split_by_image(shapes: Path, tmp_path: Path) -> None
     assert len(samples) == 6 and {(s["y"], s["x"]) for s in samples} == {(0, 0)}
     assert store.channels == 3 and store.index["counts"]["samples"]["test"] == 1
     assert {s["class"] for s in samples} == {"foreground"} and {s["text"] for s in samples} == {""}
-    for sample, mask in zip(samples, np.load(store.path / "masks.npy")):
+    for sample, mask in zip(samples, np.load(store.path / "masks.npy"), strict=False):
         stem = Path(sample["source"]).stem
         raw = np.asarray(Image.open(shapes / "masks" / f"{stem}.png")) // 255
         assert np.array_equal(mask, raw[:256, :256])

@@ -92,7 +92,7 @@ def test_encode_then_decode_is_forward(family: str) -> None:
 @pytest.mark.parametrize("family, policy", PAIRS)
 def test_policy_freezes_the_rest_and_gradients_reach_what_trains(family: str, policy: str) -> None:
     model = _model(family, policy)
-    trainable = {id(p) for p in model.parameter_groups(policy)}
+    trainable = {id(p) for p in model.trainable_parameters(policy)}
     assert trainable
     assert {id(p) for p in model.parameters() if p.requires_grad} == trainable
     assert set(model.trainable_state()) == {n for n, p in model.named_parameters() if p.requires_grad}

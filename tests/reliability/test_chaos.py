@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from mlflow.tracking import MlflowClient
 
 from tests.reliability.harness import check_complete, kill_group, start, write_experiment

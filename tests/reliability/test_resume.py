@@ -8,7 +8,14 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from tests.reliability.harness import check_complete, kill_group, start, trial_runs, wait_for_metric, write_experiment
+from tests.reliability.harness import (
+    check_complete,
+    kill_group,
+    start,
+    trial_runs,
+    wait_for_metric,
+    write_experiment,
+)
 
 
 def test_ctrl_c_saves_state_marks_runs_killed_and_resume_finishes(tmp_path, em_data, mlflow_server) -> None:

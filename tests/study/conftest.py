@@ -66,8 +66,8 @@ def twin_runs(study_root: Path, mlflow_server) -> TwinRuns:
     """Each `*_tiny.yaml` once, through the functions the CLI calls: `segtune eval --zero-shot`
     where the thesis's number is zero-shot (and for ZERO_SHOT_TOO, the untrained baseline of a
     fine-tuned row), `segtune train` where the thesis fine-tuned."""
+    from segtune.commands import train_one
     from segtune.evaluate import zero_shot
-    from segtune.launch import train_one
 
     out = TwinRuns(mlflow_server.uri, EXPERIMENT, study_root)
     for path in TWINS:
@@ -84,7 +84,7 @@ def twin_runs(study_root: Path, mlflow_server) -> TwinRuns:
 @pytest.fixture(scope="package")
 def twin_sweep(twin_runs: TwinRuns, ray_local, mlflow_server):
     """One real sweep (Ray Tune + Optuna + ASHA) of one twin, into the twins' experiment."""
-    from segtune.launch import sweep
+    from segtune.commands import run_sweep
 
     cfg = twin_config(THESIS / "tiny" / "em_sam_e20_tiny.yaml", twin_runs.root, mlflow_server.uri)
-    return cfg, sweep(cfg, log=lambda _: None)
+    return cfg, run_sweep(cfg, log=lambda _: None)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from segtune.commands import SERVING_CODE, SERVING_REQUIREMENTS
 from segtune.errors import CheckpointError, ConfigError
 from segtune.evaluate import evaluate_checkpoint
-from segtune.report import SERVING_CODE, SERVING_REQUIREMENTS
 from tests.study.conftest import THESIS, twin_config
 from tracking.registry import promote
 

@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from segtune.config import ModelConfig, load_config
 from segtune.data import open_store
 from segtune.errors import ConfigError
-from segtune.launch import prepare_data
 from segtune.models import build_model
+from segtune.prepare import prepare_data
 from segtune.prompt_search import candidates, prompt_search, set_prompt_text
 from segtune.prompts import PromptBatch
 from tests.study.conftest import THESIS, twin_config

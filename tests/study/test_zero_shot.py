@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from segtune.amg import amg_scores, build_generator, generate
-from segtune.evaluate import eval_dataset
-from segtune.launch import prepare_data
+from segtune.loaders import eval_split
 from segtune.models import build_model
+from segtune.prepare import prepare_data
 from tests.study.conftest import THESIS, twin_config
 
 
@@ -55,7 +55,7 @@ def test_amg_run_logs_both_protocols_and_they_match_a_recomputation(twin_runs) -
     cfg = twin_config(THESIS / "tiny" / "cityscapes_sam_amg_tiny.yaml", twin_runs.root, twin_runs.uri)
     store, _ = prepare_data(cfg, log=lambda _: None)
     gen = build_generator(build_model(cfg.model).eval(), cfg.eval.amg)
-    ds = eval_dataset(cfg, store, "test", cfg.eval.sample)
+    ds = eval_split(cfg, store, "test", cfg.eval.sample)
     scores = [amg_scores(generate(gen, ds[i]["image"]), ds[i]["mask"][0].numpy() > 0.5,
                          cfg.eval.amg.inside_threshold)[0] for i in range(len(ds))]
     assert m["test/iou"] == pytest.approx(np.mean([s["iou"] for s in scores]))

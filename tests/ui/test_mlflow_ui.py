@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from segtune.commands import run_sweep
 from segtune.config import load_config
-from segtune.launch import sweep
 from tests.conftest import DEMO, REPO
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -44,7 +43,7 @@ def test_experiment_page_lists_the_sweep_and_a_trial_page_shows_val_dice(browser
         "search.space={train.epochs: {choice: [2]}, train.lr: {loguniform: [1.0e-3, 3.0e-3]}}",
         f"search.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_server.uri}", "tracking.experiment=ui",
     ])
-    outcome = sweep(cfg, log=lambda _: None)
+    outcome = run_sweep(cfg, log=lambda _: None)
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("ui")
     parent = client.get_run(outcome.parent_run_id)

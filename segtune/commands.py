@@ -1,4 +1,5 @@
-"""What `segtune sweep`, `train` and `demo` do, as functions: check, prepare, sweep, summarise.
+"""What `segtune sweep`, `train`, `promote` and `demo` do, as functions: check, prepare, sweep,
+summarise, promote.
 
 The CLI parses arguments and prints; these functions do the work and are what tests call.
 """
@@ -10,57 +11,15 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from segtune.config import ExperimentConfig, flatten
+from segtune.errors import ConfigError
+from segtune.prepare import Log, check_names, check_writable, prepare_data
 from segtune.provenance import git_sha
 
-Log = Callable[[str], None]
-
-
-def prepare_data(cfg: ExperimentConfig, log: Log = print) -> tuple[Path, str]:
-    """Prepare (or reuse) the experiment's patch store; returns its path and content hash."""
-    from segtune.data import dataset_options, open_store, prepare_store
-
-    d = cfg.dataset
-    store = prepare_store(d.name, Path(d.root), Path(d.cache_dir), patch_size=d.patch_size,
-                          drop_empty=d.drop_empty, val_fraction=d.val_fraction, seed=cfg.train.seed,
-                          fit=d.fit, options=dataset_options(d), progress=log)
-    return store.resolve(), open_store(store).hash
-
-
-def check_names(cfg: ExperimentConfig) -> None:
-    """Registry names and policies in the config, checked before anything starts."""
-    from segtune.errors import ConfigError
-    from segtune.losses import LOSSES
-    from segtune.models import MODELS
-    from segtune.prompts import PROMPTS
-
-    checks = [("model.name", cfg.model.name, MODELS), ("train.loss", cfg.train.loss, LOSSES),
-              ("prompt.train", cfg.prompt.train, PROMPTS), ("prompt.eval", cfg.prompt.eval, PROMPTS)]
-    for field, value, registry in checks:
-        if value not in registry:
-            raise ConfigError(f"{field}: unknown value {value!r}; expected one of {', '.join(registry)}.")
-
-
-def check_writable(cfg: ExperimentConfig, *, sweep: bool = True) -> None:
-    """The folders a run writes to, tried before anything starts (a URI storage is checked elsewhere)."""
-    import tempfile
-
-    from segtune.errors import ConfigError
-
-    folders = {"dataset.cache_dir": cfg.dataset.cache_dir, "tracking.spool_dir": cfg.tracking.spool_dir}
-    if sweep and "://" not in cfg.search.storage_path:
-        folders["search.storage_path"] = cfg.search.storage_path
-    for field, folder in folders.items():
-        path = Path(folder).expanduser()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path, prefix=".segtune-write-test-"):
-                pass
-        except OSError as err:
-            raise ConfigError(f"{field}: cannot write to {path} ({err.strerror or err}); "
-                              "point it at a folder this user can write to.") from None
+SERVING_CODE = Path(__file__).with_name("serving.py")
+# What a promoted model needs where it is loaded; segtune itself must be installed there too.
+SERVING_REQUIREMENTS = ["torch>=2.4", "torchvision", "segment-anything", "safetensors", "numpy", "mlflow"]
 
 
 @dataclass
@@ -87,7 +46,7 @@ def sweep_description(cfg: ExperimentConfig, sweep_id: str, sha: str) -> str:
     s = cfg.search
     space = ", ".join(f"`{k}` {v.kind} {list(v.args) if not isinstance(v.args, list) else v.args}"
                       for k, v in s.space.items()) or "none"
-    return (f"**{cfg.name}**: {s.num_samples} trials of `{cfg.model.key}` (policy `{cfg.model.train}`) on "
+    return (f"**{cfg.name}**: {s.num_samples} trials of `{cfg.model.key}` (policy `{cfg.model.freeze_policy}`) on "
             f"`{cfg.dataset.name}`, prompts `{cfg.prompt.train}` (train) / `{cfg.prompt.eval}` (eval), "
             f"loss `{cfg.train.loss}`, optimizer `{cfg.train.optimizer}`.\n\n"
             f"Search: {s.searcher} + {s.scheduler} on `{s.metric}` ({s.mode}), {s.max_concurrent} at a time, "
@@ -97,7 +56,6 @@ def sweep_description(cfg: ExperimentConfig, sweep_id: str, sha: str) -> str:
 
 def _resume_target(cfg: ExperimentConfig, resume: bool | str) -> tuple[str, str] | None:
     """(sweep id, parent run id) of the sweep to resume, checked against the config."""
-    from segtune.errors import ConfigError
     from tracking.runs import find_sweep
 
     if not resume:
@@ -117,8 +75,7 @@ def _resume_target(cfg: ExperimentConfig, resume: bool | str) -> tuple[str, str]
 
 def load_resume_dir(path: Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, str]:
     """`segtune sweep --resume PATH`: the config and sweep id recorded in a Tune experiment folder."""
-    from segtune.config import set_path, parse_override, validate
-    from segtune.errors import ConfigError
+    from segtune.config import parse_override, set_path, validate
 
     f = Path(path) / SWEEP_FILE
     if not f.is_file():
@@ -135,7 +92,7 @@ def _record(cfg: ExperimentConfig, sweep_id: str) -> None:
     """Write the sweep's config beside Tune's state, so `--resume PATH` needs nothing else."""
     import pyarrow.fs
 
-    from segtune.sweep import experiment_dir
+    from segtune.cluster import experiment_dir
 
     fs, root = pyarrow.fs.FileSystem.from_uri(experiment_dir(cfg, sweep_id))
     fs.create_dir(root)
@@ -143,8 +100,8 @@ def _record(cfg: ExperimentConfig, sweep_id: str) -> None:
         out.write(json.dumps({"sweep_id": sweep_id, "config": cfg.model_dump()}, indent=1).encode())
 
 
-def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | str = False,
-          log: Log = print) -> SweepOutcome:
+def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | str = False,
+              log: Log = print) -> SweepOutcome:
     """Run a whole sweep: check the server, prepare data, open the parent run, tune, close runs.
 
     `resume=True` continues the latest unfinished sweep of this experiment file (a sweep id
@@ -152,8 +109,15 @@ def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | s
     checkpoint, each trial keeps its MLflow run.
     """
     from segtune.cluster import preflight
-    from segtune.sweep import SweepContext, run_sweep
-    from tracking.runs import close_open_trials, end_sweep_run, quiet_mlflow, reopen_run, start_sweep_run
+    from segtune.trial import SweepContext, run_tags
+    from segtune.tune import tune_trials
+    from tracking.runs import (
+        close_open_trials,
+        end_sweep_run,
+        quiet_mlflow,
+        reopen_run,
+        start_sweep_run,
+    )
     from tracking.server import check_server
     from tracking.spool import deliver_all
 
@@ -174,8 +138,7 @@ def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | s
         parent = start_sweep_run(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, params,
                                  name=f"sweep {cfg.model.key} {cfg.dataset.name} [{sweep_id}]",
                                  description=sweep_description(cfg, sweep_id, sha),
-                                 tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
-                                       "segtune.git_sha": sha, "segtune.data_hash": data_hash,
+                                 tags={**run_tags(cfg, git_sha=sha, data_hash=data_hash),
                                        "segtune.name": cfg.name, "segtune.space_hash": space_hash(cfg)})
         log(f"sweep {sweep_id}: {cfg.search.num_samples} trials of {cfg.model.key} on {cfg.dataset.name}, "
             f"{cfg.search.max_concurrent} at a time; parent run {parent}")
@@ -184,12 +147,12 @@ def sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | s
         reopen_run(cfg.tracking.uri, parent)
         log(f"resuming sweep {sweep_id} (parent run {parent})")
     spool = str(Path(cfg.tracking.spool_dir).resolve())
-    ctx = SweepContext(store=str(store), data_hash=data_hash, sweep_id=sweep_id, parent_run_id=parent,
-                       git_sha=sha, spool_dir=spool)
+    shared = SweepContext(store=str(store), data_hash=data_hash, sweep_id=sweep_id, parent_run_id=parent,
+                          git_sha=sha, spool_dir=spool)
     statuses: dict[str, str] | None = None
     status = "FAILED"
     try:
-        statuses = run_sweep(cfg, ctx, address=address, log=log)
+        statuses = tune_trials(cfg, shared, address=address, log=log)
         interrupted = any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
         status = "KILLED" if interrupted else "FINISHED"
     except KeyboardInterrupt:
@@ -229,16 +192,16 @@ def _await_server(uri: str, log: Log, patience: float = 120.0) -> None:
 
 
 def experiment_dir_of(cfg: ExperimentConfig, sweep_id: str) -> str:
-    from segtune.sweep import experiment_dir
+    from segtune.cluster import experiment_dir
 
     return experiment_dir(cfg, sweep_id)
 
 
 def best_summary(cfg: ExperimentConfig, sweep_id: str) -> dict[str, object]:
     """The best trial by `val/dice_best`, for the parent run's tags (empty if none finished)."""
+    from tracking.errors import TrackingError
     from tracking.registry import select_best
     from tracking.runs import trial_runs
-    from tracking.errors import TrackingError
 
     try:
         best = select_best(trial_runs(cfg.tracking.uri, cfg.tracking.experiment, sweep_id), "val/dice_best")
@@ -251,38 +214,47 @@ def best_summary(cfg: ExperimentConfig, sweep_id: str) -> dict[str, object]:
 def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: Log = print) -> dict:
     """`segtune train`: one trial with the config's values, no Ray; logged as a standalone run."""
     from segtune.train import TrialContext, run_trial
-    from tracking.runs import TrialRun
+    from segtune.trial import open_single_trial, tracked
     from tracking.server import check_server
 
     check_names(cfg)
-    check_writable(cfg, sweep=False)
+    check_writable(cfg, tune_storage=False)
     if cfg.resources.workers > 1:
         log(f"resources.workers={cfg.resources.workers} applies to sweeps (a Ray Train trainer per trial); "
             "`segtune train` runs one process")
-    tracker = None
     store, data_hash = prepare_data(cfg, log)
+    ctx = TrialContext(store=store, workdir=workdir, log=log)
     if track:
         check_server(cfg.tracking.uri)
-        trial_id = f"train-{uuid.uuid4().hex[:8]}"
-        tracker = TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="none", trial_id=trial_id,
-                                parent_run_id=None, params=flatten(cfg),
-                                tags={"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
-                                      "segtune.git_sha": git_sha(), "segtune.data_hash": data_hash})
-        log(f"run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
-    try:
-        return run_trial(cfg, TrialContext(store=store, workdir=workdir, tracker=tracker, log=log))
-    except BaseException as err:
-        if tracker is not None:
-            tracker.fail(err)
-        raise
+        ctx.tracker = open_single_trial(cfg, git_sha=git_sha(), data_hash=data_hash)
+        log(f"run {ctx.tracker.run_id} in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
+    with tracked(ctx.tracker):
+        return run_trial(cfg, ctx)
 
 
 def untrained_test_iou(cfg: ExperimentConfig, store: Path) -> float:
     """Test IoU of the model before any training: the baseline a sweep must beat."""
     from accelerate import Accelerator
 
+    from segtune.loaders import make_loaders
     from segtune.models import build_model
-    from segtune.train import evaluate, make_loaders
+    from segtune.scoring import score_loader
 
     _, _, test, _ = make_loaders(cfg, store)
-    return evaluate(build_model(cfg.model), test, Accelerator(cpu=True))["iou"]
+    return score_loader(build_model(cfg.model), test, accelerator=Accelerator(cpu=True))[0]["iou"]
+
+
+def promote_best(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: str = "max",
+                 alias: str = "champion", sweep_id: str | None = None, run_id: str | None = None,
+                 log: Log = print):
+    """`segtune promote`: register the best trial (tracking.registry.promote) and say what was registered."""
+    from tracking.registry import promote
+    from tracking.server import check_server
+
+    check_server(uri)
+    p = promote(uri, experiment, code_path=SERVING_CODE, metric=metric, mode=mode, alias=alias,
+                sweep_id=sweep_id, run_id=run_id, pip_requirements=SERVING_REQUIREMENTS, log=log)
+    log(f"registered {p.name} version {p.version} (run {p.run_id}, {p.metric}={p.value:.4f}, "
+        f"sha256 {p.sha256[:12]}…); alias '{p.alias}' -> v{p.version}")
+    log(f"load it: mlflow.pyfunc.load_model('{p.model_uri}')")
+    return p

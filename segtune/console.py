@@ -1,16 +1,9 @@
-"""Console output of runs and promotions (rich tables over tracking's plain rows)."""
+"""Console tables of runs read back from MLflow (rich tables over tracking's plain rows)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
-
 from rich.console import Console
 from rich.table import Table
-
-SERVING_CODE = Path(__file__).with_name("serving.py")
-# What a promoted model needs where it is loaded; segtune itself must be installed there too.
-SERVING_REQUIREMENTS = ["torch>=2.4", "torchvision", "segment-anything", "safetensors", "numpy", "mlflow"]
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -49,19 +42,3 @@ def print_pairs(results: list, console: Console | None = None) -> None:
         table.add_row(r.key, str(r.trials), _fmt(r.val_dice_best), _fmt(r.test_iou), _fmt(r.untrained_test_iou),
                       f"{r.champion.name} v{r.champion.version}")
     console.print(table)
-
-
-def promote_and_print(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: str = "max",
-                      alias: str = "champion", sweep_id: str | None = None, run_id: str | None = None,
-                      log: Callable[[str], None] = print):
-    """Promote (see tracking.registry.promote) and say what was registered."""
-    from tracking.registry import promote
-    from tracking.server import check_server
-
-    check_server(uri)
-    p = promote(uri, experiment, code_path=SERVING_CODE, metric=metric, mode=mode, alias=alias,
-                sweep_id=sweep_id, run_id=run_id, pip_requirements=SERVING_REQUIREMENTS, log=log)
-    log(f"registered {p.name} version {p.version} (run {p.run_id}, {p.metric}={p.value:.4f}, "
-        f"sha256 {p.sha256[:12]}…); alias '{p.alias}' -> v{p.version}")
-    log(f"load it: mlflow.pyfunc.load_model('{p.model_uri}')")
-    return p
