@@ -45,6 +45,8 @@ class ModelConfig(_Section):
     name: str
     variant: str
     checkpoint: str | None = None
+    # PA-SAM: the released PA-SAM decoder checkpoint, loaded strictly over `checkpoint`'s SAM weights.
+    adapter_checkpoint: str | None = None
     # The YAML key is `train` (kept for existing files and logged params); the code calls it
     # what it is, a freeze policy: which parameters train (`full`, `mask_decoder`, ...).
     train: str = "full"
