@@ -44,7 +44,8 @@ from segtune.models import Segmenter
 if TYPE_CHECKING:
     from segtune.prompts import PromptBatch
 
-FORMAT_VERSION = 1
+# 2: the encoders' resizing follows the reference pipelines (antialiased, 8-bit levels; MedSAM bicubic).
+FORMAT_VERSION = 2
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -65,7 +66,8 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model: Segmenter, store_hash: str, dtype: str = "float16") -> tuple[str, dict[str, Any]]:
+def cache_key(model: Segmenter, store_hash: str, dtype: str = "float16",
+              precision: str = "no") -> tuple[str, dict[str, Any]]:
     """The cache folder's name and the parts it hashes."""
     parts = {
         "format": FORMAT_VERSION,
@@ -76,6 +78,8 @@ def cache_key(model: Segmenter, store_hash: str, dtype: str = "float16") -> tupl
         "image_size": int(model.image_size),
         "keep_aspect": bool(model.keep_aspect),
         "dtype": dtype,
+        # The autocast the encoder ran under (the trial's train.precision): bf16 rows differ.
+        "precision": precision,
     }
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16], parts
@@ -125,14 +129,18 @@ class CachedSplit:
 
 
 def build_or_open(model: Segmenter, store: Path, *, dtype: str = "float16", batch_size: int = 8,
-                  log: Callable[[str], None] = print) -> EmbeddingCache:
+                  precision: str = "no", log: Callable[[str], None] = print) -> EmbeddingCache:
     """The cache for (model's encoder, store, preprocessing): reused if built, else built once.
+
+    It is encoded where the model is (move it to the trial's device first), in batches of
+    `batch_size`, under autocast to `precision` (`bf16`, `fp16`, or `no`) as the trial's
+    Accelerator would run it.
 
     The fcntl lock is held while checking and building, so a second trial (another process,
     another sweep) waits for the first and then reuses its result instead of building again.
     """
     store = Path(store)
-    key, parts = cache_key(model, open_store(store).hash, dtype)
+    key, parts = cache_key(model, open_store(store).hash, dtype, precision)
     root = store / "embeddings"
     root.mkdir(exist_ok=True)
     final = root / key
@@ -143,7 +151,7 @@ def build_or_open(model: Segmenter, store: Path, *, dtype: str = "float16", batc
                 return EmbeddingCache(final, key, built=False)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
             try:
-                _compute(model, store, tmp, parts, dtype, batch_size, log)
+                _compute(model, store, tmp, parts, dtype, batch_size, precision, log)
                 os.rename(tmp, final)  # atomic: readers see all of it or none
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -153,8 +161,11 @@ def build_or_open(model: Segmenter, store: Path, *, dtype: str = "float16", batc
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _compute(model: Segmenter, store: Path, out: Path, parts: dict[str, Any], dtype: str,
-             batch_size: int, log: Callable[[str], None]) -> None:
+             batch_size: int, precision: str, log: Callable[[str], None]) -> None:
     images = np.load(store / "images.npy", mmap_mode="r")
     axis = model.embedding_batch_axis
     start, was_training = time.perf_counter(), model.training
@@ -162,7 +173,8 @@ def _compute(model: Segmenter, store: Path, out: Path, parts: dict[str, Any], dt
     model.eval()
     arr = None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=AUTOCAST.get(precision),
+                                             enabled=precision in AUTOCAST):
             for lo in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.array(images[lo : lo + batch_size].transpose(0, 3, 1, 2)))  # a writable copy
                 emb = model.encode(x.to(device)).float().movedim(axis, 0).cpu().numpy()
@@ -178,12 +190,16 @@ def _compute(model: Segmenter, store: Path, out: Path, parts: dict[str, Any], dt
     del arr
     meta = dict(parts, shape=shape, seconds=round(time.perf_counter() - start, 3), built_at=time.time())
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    log(f"embedding cache: encoded {shape[0]} images in {meta['seconds']:.1f}s -> {out.parent.name}/")
+    log(f"embedding cache: encoded {shape[0]} images on {device} in {meta['seconds']:.1f}s "
+        f"-> {out.parent.name}/")
 
 
 def for_trial(cfg: ExperimentConfig, model: Segmenter, store: Path,
               log: Callable[[str], None] = print) -> EmbeddingCache | None:
-    """The trial's decision, logged: a cache when the encoder is frozen and `train.cache` allows."""
+    """The trial's decision, logged: a cache when the encoder is frozen and `train.cache` allows.
+
+    Built (when missing) on the device the model is on, under `train.precision`.
+    """
     if cfg.train.cache == "off":
         log("embedding cache: off (train.cache=off)")
         return None
@@ -193,7 +209,7 @@ def for_trial(cfg: ExperimentConfig, model: Segmenter, store: Path,
     if model.encoder_trains():
         log(f"embedding cache: off: policy {cfg.model.freeze_policy!r} trains the encoder")
         return None
-    cache = build_or_open(model, store, batch_size=cfg.train.batch_size, log=log)
+    cache = build_or_open(model, store, batch_size=cfg.train.batch_size, precision=cfg.train.precision, log=log)
     log(f"embedding cache: on (key {cache.key}, {'built' if cache.built else 'reused'})")
     return cache
 

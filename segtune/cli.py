@@ -212,16 +212,27 @@ _add_study_commands()
 
 @app.command()
 def cache(file: Path = typer.Argument(..., help="Experiment YAML file: the model and data whose embeddings to cache."),
+          device: Optional[str] = typer.Option(None, "--device", help="Where to encode: cuda, cuda:1, cpu "
+                                               "(default: the GPU when there is one)."),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field: --set model.train=mask_decoder.")) -> None:
     """Compute the frozen-encoder embedding cache once, before a sweep (no-op when already built)."""
+    import torch
+
     from segtune.cache import for_trial
     from segtune.config import load_config
+    from segtune.errors import ConfigError
     from segtune.models import build_model
     from segtune.prepare import prepare_data
 
     cfg = load_config(file, list(set_ or []))
+    try:
+        where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device: {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
     store, _ = prepare_data(cfg, log=say)
-    embeddings = for_trial(cfg, build_model(cfg.model), store, log=say)
+    embeddings = for_trial(cfg, build_model(cfg.model).to(where), store, log=say)
     if embeddings is None:
         raise typer.Exit(1)
     say(f"{embeddings.path} ({'built' if embeddings.built else 'already built'})")

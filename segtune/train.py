@@ -155,7 +155,8 @@ def run_trial(cfg: ExperimentConfig, ctx: TrialContext) -> dict[str, Any]:
     if cfg.train.loss not in LOSSES:
         raise ConfigError(f"train.loss: unknown loss {cfg.train.loss!r}; expected one of {', '.join(LOSSES)}")
     loss_fn = LOSSES[cfg.train.loss]
-    model = build_model(cfg.model)
+    # On the trial's device from the start: the embedding cache is encoded there (a GPU's work).
+    model = build_model(cfg.model).to(accelerator.device)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     # Before any weights load: only trainable ones do, and the cache's key is the frozen encoder.
     cache = for_trial(cfg, model, ctx.store, ctx.log)

@@ -130,3 +130,33 @@ def test_racing_builders_build_once(store) -> None:
     assert len({r.key for r in results}) == 1
     leftovers = [p.name for p in (path / "embeddings").iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_a_trial_encodes_its_cache_on_its_accelerators_device_under_its_precision(store, tmp_path: Path) -> None:
+    """The cache is built inside run_trial where the Accelerator put the model (a GPU in a real
+    trial), under the trial's autocast: bf16 here, on the CPU."""
+    from accelerate import Accelerator
+    from segment_anything.modeling import ImageEncoderViT
+
+    from segtune.train import TrialContext, run_trial
+
+    root, _ = store
+    cfg = _config(root, "sam", "train.epochs=1", "train.precision=bf16", f"dataset.cache_dir={tmp_path}")
+    store_path, _ = prepare_data(cfg, log=lambda _: None)  # a store of its own: the cache is built here
+    seen: list[tuple[torch.device, torch.dtype | None]] = []
+
+    def record(module, args, output) -> None:
+        if isinstance(module, ImageEncoderViT):
+            kind = output.device.type
+            seen.append((output.device, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_trial(cfg, TrialContext(store=store_path, workdir=tmp_path / "trial", log=lambda _: None))
+    finally:
+        hook.remove()
+    assert seen, "the encoder never ran"
+    expected = Accelerator(cpu=not torch.cuda.is_available()).device
+    assert {d.type for d, _ in seen} == {expected.type}
+    assert {t for _, t in seen} == {torch.bfloat16}
+    assert any((store_path / "embeddings").glob("*/meta.json"))

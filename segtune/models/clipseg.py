@@ -1,8 +1,10 @@
 """CLIPSeg (transformers) behind segtune's model interface: images + text in, mask logits out.
 
 `model.checkpoint` is a Hugging Face id (`CIDAS/clipseg-rd64-refined`) or a local directory
-written by `save_pretrained`; variant `rd64-refined` defaults to that id. `tiny` is a small
-`CLIPSegConfig` with the tokenizer vocabulary shipped in `assets/tiny_clip_tokenizer`.
+written by `save_pretrained`; variant `rd64-refined` defaults to that id. Images are prepared as
+`CLIPSegProcessor` prepares them, at its size (352 for the released checkpoints, not the vision
+config's 224); tests/models/test_reference_equivalence.py compares the two pipelines. `tiny` is a
+small `CLIPSegConfig` with the tokenizer vocabulary shipped in `assets/tiny_clip_tokenizer`.
 Policies: `decoder` (CLIP frozen, as the CLIPSeg paper trains it) and `full`.
 
 The vision activations are computed here, not by `CLIPSegForImageSegmentation.forward`: since
@@ -15,6 +17,7 @@ memoised per prompt string: on the cached path the text tower was most of a step
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -29,10 +32,42 @@ from segtune.ray_compat import version_counter
 
 TINY_TOKENIZER = Path(__file__).with_name("assets") / "tiny_clip_tokenizer"
 HF_IDS = {"rd64-refined": "CIDAS/clipseg-rd64-refined", "rd64": "CIDAS/clipseg-rd64", "rd16": "CIDAS/clipseg-rd16"}
+# The released checkpoints' architectures: CLIP ViT-B/16 (vision config image_size 224) and the
+# CLIP text tower at transformers' defaults, decoder reading layers 3, 6 and 9; what differs.
+RELEASED = {"rd64-refined": {"reduce_dim": 64, "use_complex_transposed_convolution": True},
+            "rd64": {"reduce_dim": 64}, "rd16": {"reduce_dim": 16}}
+# The side CLIPSegProcessor resizes every image to for the released checkpoints (their
+# preprocessor_config.json), whatever the vision config's image_size (224) says: the model
+# interpolates its position embeddings to the 22x22 grid of a 352 image.
+PROCESSOR_SIZE = 352
 # CLIPSeg's processor (ViTImageProcessor): ImageNet mean/std on [0,1] pixels.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Prompts are usually a few class names per dataset; the cap only bounds per-sample free text.
 TEXT_MEMO_LIMIT = 4096
+
+
+def released_config(variant: str):
+    """The architecture of a released CIDAS checkpoint (`rd64-refined`, `rd64`, `rd16`), random weights."""
+    from transformers import CLIPSegConfig
+
+    return CLIPSegConfig(vision_config={"patch_size": 16, "image_size": 224}, projection_dim=512,
+                         extract_layers=[3, 6, 9], decoder_num_attention_heads=4,
+                         decoder_intermediate_size=2048, conditional_layer=0, **RELEASED[variant])
+
+
+def processor_size(source: str | Path, vision_image_size: int) -> int:
+    """The square side CLIPSegProcessor resizes images to for `source`: what a local directory's
+    preprocessor_config.json says; else 352 for the released architecture (vision config at
+    224, as every CIDAS checkpoint), and the vision config's own size for any other."""
+    config = Path(source) / "preprocessor_config.json"
+    if not config.is_file():
+        return PROCESSOR_SIZE if vision_image_size == 224 else vision_image_size
+    try:
+        size = json.loads(config.read_text()).get("size", PROCESSOR_SIZE)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"model.checkpoint: {config} is not readable JSON ({err}); expected "
+                              "the preprocessor_config.json save_pretrained writes.") from None
+    return int(size["height"] if isinstance(size, dict) else size)
 
 
 def tiny_config():
@@ -84,11 +119,15 @@ class ClipSegSegmenter(Segmenter):
         raise ConfigError(f"model.train: CLIPSeg has no policy {policy!r}; expected one of {', '.join(self.policies)}")
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255.0
+        x = images.float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return (x - self.mean) / self.std
+        # As CLIPSegProcessor prepares pixels: an antialiased bilinear resize of the 8-bit image,
+        # rounded back to 8 bit (PIL works in uint8), then [0,1] and ImageNet mean/std. Shrinking
+        # without antialiasing aliases, and the released models saw the processor's pixels.
+        x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                          antialias=True).round().clamp(0, 255)
+        return (x / 255.0 - self.mean) / self.std
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The CLIP vision activations the decoder reads, stacked: `(L,B,tokens,C)`."""
@@ -169,4 +208,4 @@ def build_clipseg(cfg: ModelConfig) -> ClipSegSegmenter:
         raise CheckpointError(f"model.checkpoint: cannot load CLIPSeg from {source!r} ({str(err).splitlines()[0][:300]}). "
                               "Expected a Hugging Face id such as CIDAS/clipseg-rd64-refined (with network access "
                               "or a filled HF cache) or a directory written by save_pretrained.") from None
-    return ClipSegSegmenter(model, tokenizer, model.config.vision_config.image_size)
+    return ClipSegSegmenter(model, tokenizer, processor_size(source, model.config.vision_config.image_size))

@@ -145,8 +145,17 @@ class SamSegmenter(Segmenter):
         """(x scale, y scale, resized size) from an input of size (h, w) to the encoder's input."""
         if not self.keep_aspect:
             return self.image_size / w, self.image_size / h, (self.image_size, self.image_size)
+        # SamPredictor's ResizeLongestSide: sides rounded half up, prompts scaled per axis by the
+        # rounded sizes (for 601x799 the two scales differ in the fourth digit).
         s = self.image_size / max(h, w)
-        return s, s, (round(h * s), round(w * s))
+        rh, rw = int(h * s + 0.5), int(w * s + 0.5)
+        return rw / w, rh / h, (rh, rw)
+
+    def resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """0..255 images to the encoder's frame as SamPredictor's ResizeLongestSide does it: an
+        antialiased bilinear resize (PIL), rounded back to 8-bit levels."""
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return x.round().clamp(0, 255)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """SAM's pixel mean/std on 0..255 input."""
@@ -159,7 +168,7 @@ class SamSegmenter(Segmenter):
             x = x.expand(-1, 3, -1, -1)
         _, _, size = self.geometry(*x.shape[-2:])
         if size != tuple(x.shape[-2:]):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = self.resize(x, size)
         x = self.normalise(x)
         return F.pad(x, (0, self.image_size - x.shape[-1], 0, self.image_size - x.shape[-2]))
 
@@ -215,10 +224,23 @@ class MedSamSegmenter(SamSegmenter):
     def __init__(self, sam: Sam):
         super().__init__(sam, keep_aspect=False)
 
+    def resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """As MedSAM's inference recipe resizes (skimage, cubic spline, anti-aliased, kept within
+        the image's own range, then cast to uint8, which truncates): torch's antialiased bicubic
+        comes closest on the GPU (tests/models/test_reference_equivalence.py says how close)."""
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        y = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        return torch.minimum(torch.maximum(y, lo), hi).floor()
+
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         lo = x.amin(dim=(1, 2, 3), keepdim=True)
         hi = x.amax(dim=(1, 2, 3), keepdim=True)
         return (x - lo) / (hi - lo).clamp(min=1e-8)
+
+    def postprocess(self, low: torch.Tensor, resized: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Low-res logits straight to the input size, as MedSAM's recipe does (no padding to crop)."""
+        return F.interpolate(low, size, mode="bilinear", align_corners=False)
 
 
 def _load_official(sam: Sam, path: Path) -> None:

@@ -56,3 +56,18 @@ def test_clipseg_from_a_missing_directory_names_it(tmp_path: Path) -> None:
     missing.mkdir()
     with pytest.raises(CheckpointError, match="no-such-model"):
         build_model(ModelConfig(name="clipseg", variant="rd64-refined", checkpoint=str(missing), train="decoder"))
+
+
+def test_clipseg_runs_at_the_processors_size_not_the_vision_configs(tmp_path: Path) -> None:
+    """The released checkpoints' vision config says 224; their processor resizes to 352."""
+    import json
+
+    from segtune.models.clipseg import processor_size
+
+    assert processor_size("CIDAS/clipseg-rd64-refined", 224) == 352  # a hub id: the released size
+    assert processor_size(tmp_path, 224) == 352  # a saved released model without its processor
+    assert processor_size(tmp_path, 128) == 128  # another architecture keeps its own size
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 288, "width": 288}}))
+    assert processor_size(tmp_path, 224) == 288
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": 320}))
+    assert processor_size(tmp_path, 224) == 320
