@@ -14,7 +14,7 @@ from pathlib import Path
 
 from segtune.config import ExperimentConfig, flatten
 from segtune.errors import ConfigError
-from segtune.prepare import Log, check_names, check_writable, prepare_data
+from segtune.prepare import Log, check_experiment, check_writable, prepare_data
 from segtune.provenance import git_sha
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -122,7 +122,7 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
     from tracking.spool import deliver_all
 
     quiet_mlflow()
-    check_names(cfg)
+    check_experiment(cfg)
     check_server(cfg.tracking.uri)
     check_writable(cfg)  # after the server check: an unreachable server leaves nothing behind
     preflight(cfg, address)  # resources and shared storage, before data or runs are touched
@@ -217,7 +217,7 @@ def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: 
     from segtune.trial import open_single_trial, tracked
     from tracking.server import check_server
 
-    check_names(cfg)
+    check_experiment(cfg)
     check_writable(cfg, tune_storage=False)
     if cfg.resources.workers > 1:
         log(f"resources.workers={cfg.resources.workers} applies to sweeps (a Ray Train trainer per trial); "

@@ -23,7 +23,7 @@ from segtune.data import SegDataset
 from segtune.loaders import eval_loader, eval_split
 from segtune.models import Segmenter
 from segtune.overlay_log import write_overlays
-from segtune.prepare import Log, check_names, prepare_data
+from segtune.prepare import Log, check_experiment, check_fit, prepare_data
 from segtune.provenance import git_sha
 from segtune.scoring import Example, hwc, score_loader
 from segtune.trial import run_tags, tracked
@@ -124,7 +124,7 @@ def zero_shot(cfg: ExperimentConfig, *, log: Log = print) -> EvalResult:
     from tracking.evals import ZERO_SHOT
     from tracking.server import check_server
 
-    check_names(cfg)
+    check_experiment(cfg)
     check_server(cfg.tracking.uri)
     store, data_hash = prepare_data(cfg, log)
     model = build_model(cfg.model).to(_device())
@@ -142,7 +142,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, *, checkpoint: Path | None = None
     from tracking.evals import EVAL, SOURCE
     from tracking.server import check_server
 
-    check_names(cfg)
+    check_experiment(cfg)
     check_server(cfg.tracking.uri)
     with tempfile.TemporaryDirectory(prefix="segtune-eval-") as tmp:
         path, source, source_run = fetch_checkpoint(cfg.tracking.uri, checkpoint=checkpoint, run_id=run_id,
@@ -150,6 +150,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, *, checkpoint: Path | None = None
         model, trained = load_model(path)
     # The model is the checkpoint's; the data, prompts and protocol are the file's.
     cfg = cfg.model_copy(update={"model": trained.model})
+    check_fit(cfg)  # the checkpoint's model with the file's prompts, before the data
     store, data_hash = prepare_data(cfg, log)
     tags = {SOURCE: source, "segtune.source_run": source_run or "", "segtune.trained_on": trained.dataset.name}
     result = score_and_log(cfg, model.to(_device()), store=store, data_hash=data_hash, kind=EVAL, tags=tags,

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from segtune.config import ExperimentConfig
-from segtune.data import dataset_options, open_store, prepare_store
+from segtune.data import carries_text, dataset_options, open_store, prepare_store
 from segtune.errors import ConfigError
 from segtune.losses import LOSSES
-from segtune.models import MODELS
+from segtune.models import MODELS, PROMPT_KINDS
 from segtune.prompts import PROMPTS
 
 Log = Callable[[str], None]
@@ -25,13 +25,38 @@ def prepare_data(cfg: ExperimentConfig, log: Log = print) -> tuple[Path, str]:
     return store.resolve(), open_store(store).hash
 
 
-def check_names(cfg: ExperimentConfig) -> None:
-    """Registry names and policies in the config, checked before anything starts."""
+def check_experiment(cfg: ExperimentConfig) -> None:
+    """Everything about an experiment that can be judged before data or models are built: the
+    registry names, and whether model, prompts and data fit together. Every command calls it first."""
     checks = [("model.name", cfg.model.name, MODELS), ("train.loss", cfg.train.loss, LOSSES),
               ("prompt.train", cfg.prompt.train, PROMPTS), ("prompt.eval", cfg.prompt.eval, PROMPTS)]
     for field, value, registry in checks:
         if value not in registry:
             raise ConfigError(f"{field}: unknown value {value!r}; expected one of {', '.join(registry)}.")
+    check_fit(cfg)
+
+
+def check_fit(cfg: ExperimentConfig) -> None:
+    """The model answers the prompts asked of it, and text prompts have text to give."""
+    name, takes = cfg.model.name, PROMPT_KINDS.get(cfg.model.name, ())
+    if cfg.eval.protocol == "amg" and name != "sam":
+        raise ConfigError(f"eval.protocol: amg is SAM's automatic mask generator; model.name is {name!r}. "
+                          "Set model.name: sam, or eval.protocol: prompted.")
+    # Zero-shot AMG draws no prompt; everything else draws prompt.eval, and training prompt.train.
+    used = [("prompt.train", cfg.prompt.train)]
+    if cfg.eval.protocol == "prompted":
+        used.append(("prompt.eval", cfg.prompt.eval))
+    for field, kind in used:
+        if kind not in takes:
+            fix = f"Set {field} to one of those" + (", or model.name: clipseg, the model that takes text"
+                                                    if kind == "text" else "")
+            raise ConfigError(f"{field}: model {name} does not take {kind!r} prompts; it takes "
+                              f"{', '.join(takes)} (MedSAM was fine-tuned on boxes, CLIPSeg on text). {fix}.")
+        if kind == "text" and not cfg.prompt.text and not carries_text(cfg.dataset.name, dataset_options(cfg.dataset)):
+            raise ConfigError(f"prompt.text: {field} is `text`, but no prompt.text is set and the samples of "
+                              f"dataset {cfg.dataset.name!r} carry no text of their own (Cityscapes' class names "
+                              "and QaTa-COV19's descriptions with dataset.description_file do). Set prompt.text, "
+                              "e.g. --set prompt.text=\"mitochondria\".")
 
 
 def check_writable(cfg: ExperimentConfig, *, tune_storage: bool = True) -> None:

@@ -134,7 +134,7 @@ class SearchOutcome:
 def prompt_search(cfg: ExperimentConfig, *, address: str | None = None, write: list[Path] | None = None,
                   log: Log = print) -> SearchOutcome:
     """Run the search, log it, write the best prompt (and into `write` files); see the module doc."""
-    from segtune.prepare import check_names, prepare_data
+    from segtune.prepare import check_experiment, prepare_data
     from segtune.provenance import git_sha
     from segtune.trial import run_tags
     from tracking.evals import PROMPT_SEARCH, SEARCH, child_runs, end_run, open_run
@@ -143,7 +143,7 @@ def prompt_search(cfg: ExperimentConfig, *, address: str | None = None, write: l
 
     ps = check(cfg)
     quiet_mlflow()
-    check_names(cfg)
+    check_experiment(cfg)
     check_server(cfg.tracking.uri)
     texts = candidates(ps)
     store, data_hash = prepare_data(cfg, log)

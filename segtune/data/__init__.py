@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from segtune.data.raw import DataProblems, RawDataset, RawItem, Target
-from segtune.data.registry import DATASETS, OPTION_FIELDS, SYNTH, TWINS, check_dataset
+from segtune.data.registry import DATASETS, OPTION_FIELDS, SYNTH, TWINS, carries_text, check_dataset
 from segtune.data.store import SegDataset, Store, open_store, prepare_store
 from segtune.data.synthetic import synth_em
 from segtune.data.synthetic_layouts import synth_cityscapes, synth_fire, synth_folder, synth_qata
@@ -46,6 +46,6 @@ def dataset_options(config: Any) -> dict[str, Any]:
 
 
 __all__ = ["DATASETS", "OPTION_FIELDS", "SYNTH", "TWINS", "DataProblems", "RawDataset",
-           "RawItem", "SegDataset", "Store", "Target", "check_dataset", "dataset_options",
+           "RawItem", "SegDataset", "Store", "Target", "carries_text", "check_dataset", "dataset_options",
            "open_store", "prepare_store", "synth_cityscapes", "synth_em", "synth_fire",
            "synth_folder", "synth_qata", "synthesize"]

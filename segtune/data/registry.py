@@ -63,6 +63,20 @@ DATASETS.update({name: _twin(real) for name, real in TWINS.items() if name != "s
 # The EM twin keeps its own builder: it regenerates when any of the four stacks is missing.
 DATASETS["synthetic_em"] = synthetic.build
 
+#: Real dataset name -> whether its samples carry their own text prompt, given its options:
+#: Cityscapes' class names; QaTa-COV19's LViT descriptions when `description_file` is set.
+#: The others' samples have none, so `prompt: text` there needs `prompt.text`.
+SAMPLE_TEXT: dict[str, Callable[[Mapping[str, Any]], bool]] = {
+    "cityscapes": lambda options: True,
+    "qata_cov19": lambda options: bool(options.get("description_file")),
+}
+
+
+def carries_text(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether dataset `name` (a real name or its synthetic twin) gives samples their own text."""
+    real = TWINS.get(name, name)
+    return real in SAMPLE_TEXT and SAMPLE_TEXT[real](dict(options or {}))
+
 
 def resolve(name: str, root: Path, options: Mapping[str, Any] | None = None) -> RawDataset:
     """Look ``name`` up in ``DATASETS`` and build it; ConfigError for unknown names/options.

@@ -24,6 +24,17 @@ MODELS: dict[str, Callable[[ModelConfig], Segmenter]] = {
     "clipseg": build_clipseg,
 }
 
+POINTS = ("random_point", "center_point", "k_points")
+#: The prompt strategies (segtune.prompts.PROMPTS) each family answers, checked before anything
+#: is built: SAM and PA-SAM points and boxes (`none`: SAM's automatic mask generator), MedSAM
+#: the box it was fine-tuned with (its published recipe), CLIPSeg text.
+PROMPT_KINDS: dict[str, tuple[str, ...]] = {
+    "sam": (*POINTS, "box", "none"),
+    "medsam": ("box",),
+    "pasam": (*POINTS, "box"),
+    "clipseg": ("text",),
+}
+
 # Random initialisation is seeded with this, so the frozen part of a randomly initialised model
 # (the tiny presets) is the same in every process and a checkpoint of trainable weights suffices.
 INIT_SEED = 0
@@ -40,4 +51,4 @@ def build_model(cfg: ModelConfig) -> Segmenter:
     return model
 
 
-__all__ = ["MODELS", "Segmenter", "build_model", "load_state_strict"]
+__all__ = ["MODELS", "PROMPT_KINDS", "Segmenter", "build_model", "load_state_strict"]
