@@ -29,8 +29,9 @@ def _add_data_commands() -> None:
 
 _add_data_commands()
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_FILES = [REPO / "experiments" / "demo.yaml", REPO / "experiments" / "demo_clipseg.yaml"]
+# Inside the package, so an installed segtune has them (experiments/demo*.yaml link here).
+PRESETS = Path(__file__).resolve().with_name("presets")
+DEMO_FILES = [PRESETS / "demo.yaml", PRESETS / "demo_clipseg.yaml"]
 SetOpt = typer.Option(None, "--set", help="Override a field: --set train.lr=3e-4 (repeatable).")
 # The commands that read runs back take the server from --tracking-uri, $MLFLOW_TRACKING_URI or
 # the local default, as MLflow's own tools do.

@@ -108,6 +108,12 @@ def report_command(
     from tracking.server import check_server
     from tracking.study_report import report
 
+    if not experiments and not THESIS.is_dir():
+        from segtune.errors import ConfigError
+
+        raise ConfigError(f"--experiments: none given, and the thesis files are not at {THESIS} (an installed "
+                          "segtune ships without experiments/); pass the experiment files or folders "
+                          "to report, e.g. --experiments path/to/segtune/experiments/thesis")
     specs = file_specs(list(experiments or [THESIS]), tracking_uri)
     for uri in dict.fromkeys(s.uri for s in specs):
         check_server(uri)
