@@ -8,6 +8,13 @@ Checkpoints written before optimizer.safetensors hold `optimizer.pt` (a `torch.s
 dict) instead; it is still read, with `weights_only=True`.
 A checkpoint is therefore enough to rebuild the model: `load_model` builds the base model the
 config names, then loads the trained weights over it, strictly.
+
+A *full* checkpoint (`write_full`, what a registered model carries) holds every weight instead,
+base and trained merged, with `"weights": "full"` in state.json and the files the
+architecture needs besides the config in `assets/` (CLIPSeg's HF config and tokenizer):
+`load_model` builds the bare architecture and loads the whole state dict over it, strictly, so
+neither `model.checkpoint` nor a download is needed where it loads. Every state.json has URI
+passwords and secret environment values masked (tracking.redact), as params and tags do.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from safetensors.torch import load_file
 
 from segtune.config import ExperimentConfig, validate
 from segtune.errors import CheckpointError
-from segtune.models import Segmenter, build_model, load_state_strict
+from segtune.models import Segmenter, build_architecture, build_model, load_state_strict
 from segtune.tensorfile import Packed, pack
 from tracking.artifacts import recorded_hashes, verify_manifest, write_manifest
 from tracking.errors import TrackingError
+from tracking.redact import redact
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -36,6 +44,8 @@ LEGACY_OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 CARRIED = "best"  # the best epoch's checkpoint, inside a later one (CheckpointWriter.finish)
 OPTIMIZER_META = "segtune.optimizer"  # optimizer.safetensors' metadata key: param groups, non-tensor state
+FULL = "full"  # state.json's "weights" in a full checkpoint (write_full)
+ASSETS = "assets"  # a full checkpoint's folder of Segmenter.save_assets files
 
 
 class CheckpointWriter:
@@ -85,7 +95,7 @@ class CheckpointWriter:
         self._thread = None
         if self._error is not None:
             raise self._error
-        (self.tmp / STATE).write_text(json.dumps({**state, "config": cfg.model_dump()}, indent=2, default=float))
+        write_state(self.tmp, {**state, "config": cfg.model_dump()})
         known = dict(self._hashes)
         if carry is not None:
             link_copy(carry, self.tmp / CARRIED)
@@ -154,6 +164,11 @@ def link_copy(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link)
 
 
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """state.json, with URI passwords and secret environment values masked."""
+    (Path(folder) / STATE).write_text(redact(json.dumps(state, indent=2, default=float)))
+
+
 def read_state(path: Path) -> dict[str, Any]:
     """The checkpoint's state.json, with a clear error when it is not a segtune checkpoint."""
     f = Path(path) / STATE
@@ -212,9 +227,43 @@ def first_intact(candidates: list[Path], log=print) -> Path | None:
 
 
 def load_model(path: Path) -> tuple[Segmenter, ExperimentConfig]:
-    """Rebuild the model a checkpoint was trained as, with its weights, and the config used."""
+    """Rebuild the model a checkpoint was trained as, with its weights, and the config used.
+
+    A full checkpoint (`write_full`) is loaded into the bare architecture, every key strictly;
+    a trial's checkpoint (trainable weights) over the base model its config names."""
+    path = Path(path)
     state = read_state(path)
     cfg = validate(state["config"], f"{path}/{STATE}")
+    if state.get("weights") == FULL:
+        model = build_architecture(cfg.model, path / ASSETS)
+        f = path / WEIGHTS
+        try:
+            weights = load_file(str(f))
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{f}: cannot read the model's weights ({err}).") from None
+        load_state_strict(model, weights, str(f))
+        return model, cfg
     model = build_model(cfg.model)
     load_weights(path, model)
     return model, cfg
+
+
+def write_full(src: Path, dst: Path, extra: dict[str, Any] | None = None) -> Path:
+    """A full checkpoint of trial checkpoint `src` in `dst`: every weight of the trained model
+    (base and trained parts merged) as safetensors, its state and config (masked), the
+    architecture's assets, and a sha256 manifest. Needs what `load_model(src)` needs (the base
+    weights `model.checkpoint` names); what it writes needs none of it."""
+    from safetensors.torch import save_file
+
+    model, _ = load_model(src)
+    dst = Path(dst)
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    # Cloned: tensors that share storage (tied weights) cannot be saved as they are.
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
+              str(dst / WEIGHTS))
+    model.save_assets(dst / ASSETS)
+    state = read_state(src)
+    write_state(dst, {**state, "weights": FULL, **(extra or {})})
+    write_manifest(dst)
+    return dst

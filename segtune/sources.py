@@ -5,7 +5,9 @@
 - `--run RUN_ID`: the run's `checkpoints/best` artifact (what trials upload), verified against
   its sha256 manifest;
 - `--model models:/NAME@ALIAS` (or `models:/NAME/VERSION`): the registered pyfunc model's
-  `checkpoint` artifact, found through the model's MLmodel file, verified the same way.
+  `model` artifact (a full checkpoint: every weight, segtune.checkpoint.write_full; versions
+  registered before it carry a `checkpoint` artifact instead), found through the model's
+  MLmodel file, verified the same way.
 
 MLflow only: the caller rebuilds the model with `segtune.checkpoint.load_model`.
 """
@@ -61,10 +63,11 @@ def from_model(uri: str, model_uri: str, tmp: Path) -> Path:
     except MlflowException as err:
         raise CheckpointError(f"--model {model_uri}: not found at {uri} ({err.message.splitlines()[0][:200]}).") from None
     pyfunc = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
-    artifact = pyfunc.get("artifacts", {}).get("checkpoint")
+    artifacts = pyfunc.get("artifacts", {})
+    artifact = artifacts.get("model") or artifacts.get("checkpoint")
     if artifact is None:
-        raise CheckpointError(f"--model {model_uri}: the model has no `checkpoint` artifact; it was not "
-                              "registered by `segtune promote`.")
+        raise CheckpointError(f"--model {model_uri}: the model has no `model` (or `checkpoint`) artifact; "
+                              "it was not registered by `segtune promote`.")
     return _verified(local / artifact["path"], f"--model {model_uri}")
 
 

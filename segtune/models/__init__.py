@@ -7,13 +7,14 @@ and training policy (which may add modules, such as SAM's encoder adapters).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from segtune.config import ModelConfig
 from segtune.errors import ConfigError
 from segtune.models.base import Segmenter, load_state_strict
-from segtune.models.clipseg import build_clipseg
+from segtune.models.clipseg import build_clipseg, clipseg_architecture
 from segtune.models.pasam import build_pasam
 from segtune.models.sam import build_medsam, build_sam
 
@@ -40,6 +41,17 @@ PROMPT_KINDS: dict[str, tuple[str, ...]] = {
 INIT_SEED = 0
 
 
+#: How each family builds its architecture with no weights file read (random init), from the
+#: config and the folder its `Segmenter.save_assets` wrote: a registered model loads its full
+#: state dict over it, so it needs neither `model.checkpoint` nor a download.
+ARCHITECTURES: dict[str, Callable[[ModelConfig, Path | None], Segmenter]] = {
+    "sam": lambda cfg, _: build_sam(cfg, weights=False),
+    "medsam": lambda cfg, _: build_medsam(cfg, weights=False),
+    "pasam": lambda cfg, _: build_pasam(cfg, weights=False),
+    "clipseg": clipseg_architecture,
+}
+
+
 def build_model(cfg: ModelConfig) -> Segmenter:
     """Build the model a config names, with its training policy applied."""
     if cfg.name not in MODELS:
@@ -51,4 +63,18 @@ def build_model(cfg: ModelConfig) -> Segmenter:
     return model
 
 
-__all__ = ["MODELS", "PROMPT_KINDS", "Segmenter", "build_model", "load_state_strict"]
+def build_architecture(cfg: ModelConfig, assets: Path | None = None) -> Segmenter:
+    """The model a config names with random weights and no file read (`ARCHITECTURES`), its
+    training policy applied: what a full state dict (a registered model's) loads into."""
+    if cfg.name not in ARCHITECTURES:
+        raise ConfigError(f"model.name: unknown model {cfg.name!r}; expected one of {', '.join(ARCHITECTURES)}")
+    bare = cfg.model_copy(update={"checkpoint": None, "adapter_checkpoint": None})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        model = ARCHITECTURES[cfg.name](bare, assets)
+    model.set_policy(cfg.freeze_policy)
+    return model
+
+
+__all__ = ["ARCHITECTURES", "MODELS", "PROMPT_KINDS", "Segmenter", "build_architecture", "build_model",
+           "load_state_strict"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -70,6 +71,11 @@ class Segmenter(nn.Module):
         for p in self.parameters():
             p.requires_grad_(id(p) in ids)
         return trainable
+
+    def save_assets(self, folder: Path) -> None:
+        """Write the files besides the weights that rebuild this model's architecture (CLIPSeg:
+        its HF config and tokenizer); the families whose architecture the config alone names
+        (SAM, MedSAM, PA-SAM) write none."""
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint stores: the parameters that train under the current policy."""

@@ -103,6 +103,16 @@ class ClipSegSegmenter(Segmenter):
         self._text_memo: dict[str, torch.Tensor] = {}
         self._text_memo_key: tuple | None = None
 
+    def save_assets(self, folder: Path) -> None:
+        """What rebuilds this model without `model.checkpoint`: the HF config, the tokenizer's
+        files (save_pretrained) and the processor size (preprocessor_config.json)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.config.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+        size = {"height": self.image_size, "width": self.image_size}
+        (folder / "preprocessor_config.json").write_text(json.dumps({"size": size}, indent=1))
+
     def encoder_state(self) -> dict[str, torch.Tensor]:
         state = {f"vision_model.{k}": v for k, v in self.model.clip.vision_model.state_dict().items()}
         state.update(mean=self.mean, std=self.std, extract_layers=torch.tensor(list(self.model.extract_layers)))
@@ -189,6 +199,20 @@ def _tokenizer(source: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(source))
+
+
+def clipseg_architecture(cfg: ModelConfig, assets: Path | None) -> ClipSegSegmenter:
+    """CLIPSeg with random weights from what `save_assets` wrote (config, tokenizer, processor
+    size); `tiny` needs no assets. Nothing is downloaded: a full state dict loads over it."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    if assets is None or not (Path(assets) / "config.json").is_file():
+        if cfg.variant == "tiny":
+            return build_clipseg(cfg.model_copy(update={"checkpoint": None}))
+        raise CheckpointError(f"CLIPSeg {cfg.variant}: no config.json in {assets}; expected the assets "
+                              "folder a registered segtune model carries (config, tokenizer files).")
+    model = CLIPSegForImageSegmentation(CLIPSegConfig.from_pretrained(str(assets)))
+    return ClipSegSegmenter(model, _tokenizer(assets), processor_size(assets, model.config.vision_config.image_size))
 
 
 def build_clipseg(cfg: ModelConfig) -> ClipSegSegmenter:

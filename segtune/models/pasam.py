@@ -396,14 +396,14 @@ def _read_release(path: Path, decoder: PaMaskDecoder, variant: str) -> None:
                               ) from None
 
 
-def build_pasam(cfg: ModelConfig) -> PaSamSegmenter:
+def build_pasam(cfg: ModelConfig, *, weights: bool = True) -> PaSamSegmenter:
     """PA-SAM over a SAM variant: `model.checkpoint` is the SAM weights (the released PA-SAM-L
     sits on sam_vit_l_0b3195.pth), `model.adapter_checkpoint` the released PA decoder, loaded
     strictly over SAM's decoder; `tiny` needs neither."""
     # No encoder adapters: PA-SAM's adapter is in its decoder.
     base = cfg.model_copy(update={"train": "mask_decoder"})
-    sam = _build(base, SamSegmenter, "PA-SAM", None).sam
+    sam = _build(base, SamSegmenter, "PA-SAM", None, weights).sam
     sam.mask_decoder = PaMaskDecoder.over(sam.mask_decoder)
-    if cfg.adapter_checkpoint is not None:
+    if weights and cfg.adapter_checkpoint is not None:
         _read_release(Path(cfg.adapter_checkpoint), sam.mask_decoder, cfg.variant)
     return PaSamSegmenter(sam)

@@ -255,16 +255,17 @@ def _load_official(sam: Sam, path: Path) -> None:
     load_state_strict(sam, state, str(path))
 
 
-def _build(cfg: ModelConfig, wrapper: type[SamSegmenter], family: str, weights_file: str | None) -> SamSegmenter:
+def _build(cfg: ModelConfig, wrapper: type[SamSegmenter], family: str, weights_file: str | None,
+           weights: bool = True) -> SamSegmenter:
     if cfg.variant not in SAM_VARIANTS:
         raise ConfigError(f"model.variant: {family} has no variant {cfg.variant!r}; expected one of {', '.join(SAM_VARIANTS)}")
     spec = SAM_VARIANTS[cfg.variant]
-    if cfg.checkpoint is None and spec.checkpoint_file is not None:
+    if weights and cfg.checkpoint is None and spec.checkpoint_file is not None:
         # Before building: a vit_h costs seconds and gigabytes just to be refused.
         raise ConfigError(f"model.checkpoint: {family} {cfg.variant} needs its weights; set model.checkpoint "
                           f"to the path of {weights_file or spec.checkpoint_file}.")
     sam = build_sam_modules(spec)
-    if cfg.checkpoint is not None:
+    if weights and cfg.checkpoint is not None:
         _load_official(sam, Path(cfg.checkpoint))
     model = wrapper(sam)
     if cfg.freeze_policy == "adapter":
@@ -272,13 +273,14 @@ def _build(cfg: ModelConfig, wrapper: type[SamSegmenter], family: str, weights_f
     return model
 
 
-def build_sam(cfg: ModelConfig) -> SamSegmenter:
-    """SAM: `vit_b`/`vit_l`/`vit_h` from the official checkpoint files (weights only), or `tiny`."""
-    return _build(cfg, SamSegmenter, "SAM", None)
+def build_sam(cfg: ModelConfig, *, weights: bool = True) -> SamSegmenter:
+    """SAM: `vit_b`/`vit_l`/`vit_h` from the official checkpoint files (weights only), or `tiny`.
+    `weights=False`: the architecture alone, no file read (a full state dict loads over it)."""
+    return _build(cfg, SamSegmenter, "SAM", None, weights)
 
 
-def build_medsam(cfg: ModelConfig) -> SamSegmenter:
+def build_medsam(cfg: ModelConfig, *, weights: bool = True) -> SamSegmenter:
     """MedSAM: a SAM vit_b with `medsam_vit_b.pth` (a plain SAM state dict), or `tiny`."""
     if cfg.variant not in ("vit_b", "tiny"):
         raise ConfigError(f"model.variant: MedSAM has variants vit_b and tiny, not {cfg.variant!r}")
-    return _build(cfg, MedSamSegmenter, "MedSAM", "medsam_vit_b.pth")
+    return _build(cfg, MedSamSegmenter, "MedSAM", "medsam_vit_b.pth", weights)
