@@ -41,7 +41,10 @@ HomeOpt = typer.Option(Path(".segtune/mlflow"), "--home", help="Folder of the lo
 
 
 def say(line: str) -> None:
-    typer.echo(line)
+    """Print a line with URI passwords and secret environment values masked."""
+    from tracking.redact import redact
+
+    typer.echo(redact(line))
 
 
 def _load(file: Path, overrides: Optional[List[str]], uri: Optional[str]):
@@ -113,14 +116,60 @@ def promote(experiment: str = typer.Argument(..., help="MLflow experiment name (
             tracking_uri: str = ServerUriOpt,
             metric: str = typer.Option("val/dice_best", "--metric", help="Validation metric to select on."),
             mode: str = typer.Option("max", "--mode", help="max or min."),
-            alias: str = typer.Option("champion", "--alias", help="Alias to move to the new version."),
+            alias: str = typer.Option("challenger", "--alias", help="Alias the new version takes."),
             sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep)."),
-            run_id: Optional[str] = typer.Option(None, "--run", help="Promote this run instead of the best.")) -> None:
-    """Register the best finished trial's verified checkpoint and point an alias at it."""
+            run_id: Optional[str] = typer.Option(None, "--run", help="Promote this run instead of the best."),
+            name: Optional[str] = typer.Option(None, "--name", help="Registered model name "
+                                               "(default segtune-<model>-<dataset>)."),
+            approve: bool = typer.Option(False, "--approve", help="Also make it champion if its gates pass."),
+            reason: Optional[str] = typer.Option(None, "--reason", help="Why, recorded with --approve."),
+            force: bool = typer.Option(False, "--force", help="With --approve: champion even over failed gates "
+                                       "(recorded)."),
+            tolerance: float = typer.Option(0.01, "--tolerance", help="How far the re-scored val Dice may lie "
+                                            "from the trial's val/dice_best."),
+            min_margin: float = typer.Option(0.0, "--min-margin", help="How much it must beat the champion by.")) -> None:
+    """Register the best finished trial as a self-contained model version (alias challenger) and
+    judge its gates; --approve also makes it champion."""
     from segtune.commands import promote_best
 
     promote_best(tracking_uri, experiment, metric=metric, mode=mode, alias=alias, sweep_id=sweep_id,
-                      run_id=run_id, log=say)
+                 run_id=run_id, name=name, approve=approve, reason=reason, force=force, tolerance=tolerance,
+                 min_margin=min_margin, log=say)
+
+
+@app.command()
+def approve(name: str = typer.Argument(..., help="Registered model name, e.g. segtune-sam_tiny-synthetic_em."),
+            version: str = typer.Option(..., "--version", help="The version to make champion."),
+            reason: str = typer.Option(..., "--reason", help="Why; recorded on the version."),
+            force: bool = typer.Option(False, "--force", help="Approve over failed gates (recorded)."),
+            tracking_uri: str = ServerUriOpt) -> None:
+    """Move alias champion to a version whose gates passed, recording who, when and why."""
+    from segtune.promotion import approve as approve_version
+
+    approve_version(tracking_uri, name, version, reason=reason, force=force, log=say)
+
+
+@app.command()
+def serve(model: str = typer.Argument(..., help="NAME[@ALIAS] (default alias champion) or NAME/VERSION."),
+          port: Optional[int] = typer.Option(None, "--port", help="Port on 127.0.0.1 (default 5001, else a free one)."),
+          tracking_uri: str = ServerUriOpt) -> None:
+    """Serve a registered model on 127.0.0.1 (mlflow models serve), ready once a smoke request passes."""
+    import signal
+
+    from tracking.model_server import start
+    from tracking.server import check_server, free_port
+
+    check_server(tracking_uri)
+    port = port or free_port(5001)
+    served = start(tracking_uri, model, port=port, log_dir=Path(".segtune") / "serve", log=say)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on a plain kill too
+    try:
+        say(f"ready: {served.model_uri} at {served.url}/invocations (pid {served.process.pid}, log {served.log}); "
+            "Ctrl-C stops it")
+        served.process.wait()
+        raise typer.Exit(served.process.returncode or 0)
+    finally:
+        served.stop()
 
 
 @app.command()
@@ -186,7 +235,9 @@ def main() -> None:
     try:
         app()
     except (SegtuneError, TrackingError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        from tracking.redact import redact
+
+        typer.secho(f"error: {redact(str(err))}", fg=typer.colors.RED, err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.secho("interrupted", fg=typer.colors.RED, err=True)
@@ -196,7 +247,10 @@ def main() -> None:
 
         if not isinstance(err, MlflowException):
             raise
-        typer.secho(f"error: the tracking server refused a request: {err.message}", fg=typer.colors.RED, err=True)
+        from tracking.redact import redact
+
+        typer.secho(f"error: the tracking server refused a request: {redact(err.message)}", fg=typer.colors.RED,
+                    err=True)
         sys.exit(1)
 
 

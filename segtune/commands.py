@@ -17,10 +17,6 @@ from segtune.errors import ConfigError
 from segtune.prepare import Log, check_experiment, check_writable, prepare_data
 from segtune.provenance import git_sha
 
-SERVING_CODE = Path(__file__).with_name("serving.py")
-# What a promoted model needs where it is loaded; segtune itself must be installed there too.
-SERVING_REQUIREMENTS = ["torch>=2.4", "torchvision", "segment-anything", "safetensors", "numpy", "mlflow"]
-
 
 @dataclass
 class SweepOutcome:
@@ -85,7 +81,11 @@ def load_resume_dir(path: Path, overrides: list[str] | None = None) -> tuple[Exp
     raw = record["config"]
     for text in overrides or []:
         set_path(raw, *parse_override(text))
-    return validate(raw, str(f)), record["sweep_id"]
+    cfg = validate(raw, str(f))
+    if "***" in cfg.tracking.uri:
+        raise ConfigError(f"--resume {path}: the sweep's tracking URI is recorded with its password masked "
+                          f"({cfg.tracking.uri}); pass it again with --tracking-uri (or $MLFLOW_TRACKING_URI).")
+    return cfg, record["sweep_id"]
 
 
 def _record(cfg: ExperimentConfig, sweep_id: str) -> None:
@@ -96,8 +96,11 @@ def _record(cfg: ExperimentConfig, sweep_id: str) -> None:
 
     fs, root = pyarrow.fs.FileSystem.from_uri(experiment_dir(cfg, sweep_id))
     fs.create_dir(root)
+    from tracking.redact import redact
+
+    # Masked like every file segtune writes: `--resume PATH` then asks for the URI (see load_resume_dir).
     with fs.open_output_stream(f"{root}/{SWEEP_FILE}") as out:
-        out.write(json.dumps({"sweep_id": sweep_id, "config": cfg.model_dump()}, indent=1).encode())
+        out.write(redact(json.dumps({"sweep_id": sweep_id, "config": cfg.model_dump()}, indent=1)).encode())
 
 
 def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | str = False,
@@ -215,8 +218,10 @@ def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: 
     """`segtune train`: one trial with the config's values, no Ray; logged as a standalone run."""
     from segtune.train import TrialContext, run_trial
     from segtune.trial import open_single_trial, tracked
+    from tracking.runs import quiet_mlflow
     from tracking.server import check_server
 
+    quiet_mlflow()  # MLflow would print each run's URL, the tracking URI's password included
     check_experiment(cfg)
     check_writable(cfg, tune_storage=False)
     if cfg.resources.workers > 1:
@@ -245,16 +250,22 @@ def untrained_test_iou(cfg: ExperimentConfig, store: Path) -> float:
 
 
 def promote_best(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: str = "max",
-                 alias: str = "champion", sweep_id: str | None = None, run_id: str | None = None,
+                 alias: str = "challenger", sweep_id: str | None = None, run_id: str | None = None,
+                 name: str | None = None, approve: bool = False, reason: str | None = None,
+                 force: bool = False, tolerance: float | None = None, min_margin: float = 0.0,
                  log: Log = print):
-    """`segtune promote`: register the best trial (tracking.registry.promote) and say what was registered."""
-    from tracking.registry import promote
-    from tracking.server import check_server
+    """`segtune promote`: register the best trial as a self-contained version under `alias`
+    (challenger), judge its gates, and with `approve` make it champion (segtune.promotion)."""
+    from segtune.promotion import RESCORE_TOLERANCE, promote
 
-    check_server(uri)
-    p = promote(uri, experiment, code_path=SERVING_CODE, metric=metric, mode=mode, alias=alias,
-                sweep_id=sweep_id, run_id=run_id, pip_requirements=SERVING_REQUIREMENTS, log=log)
-    log(f"registered {p.name} version {p.version} (run {p.run_id}, {p.metric}={p.value:.4f}, "
-        f"sha256 {p.sha256[:12]}…); alias '{p.alias}' -> v{p.version}")
-    log(f"load it: mlflow.pyfunc.load_model('{p.model_uri}')")
+    p = promote(uri, experiment, metric=metric, mode=mode, alias=alias, sweep_id=sweep_id, run_id=run_id,
+                name=name, approve=approve, reason=reason, force=force,
+                tolerance=RESCORE_TOLERANCE if tolerance is None else tolerance, min_margin=min_margin, log=log)
+    verdict = "passed" if p.passed else "FAILED"
+    log(f"{p.name} v{p.version}: gates {verdict} (sha256 {p.sha256[:12]}…, {p.metric}={p.value:.4f})")
+    if p.approved:
+        log(f"load it: mlflow.pyfunc.load_model('models:/{p.name}@champion'); serve it: segtune serve {p.name}")
+    elif not approve:
+        log(f"approve it: segtune approve {p.name} --version {p.version} --reason TEXT"
+            + ("" if p.passed else " --force   (its gates failed)"))
     return p

@@ -4,7 +4,8 @@
 2. a local MLflow server (unless --tracking-uri names one);
 3. two sweeps, experiments/demo.yaml (a tiny SAM, point prompts) and demo_clipseg.yaml (a tiny
    CLIPSeg, text prompts): Ray Tune, Optuna TPE, ASHA;
-4. promotion of each sweep's best trial by val/dice_best (segtune-<model>-synthetic_em@champion);
+4. promotion of each sweep's best trial by val/dice_best, gated and approved in one step
+   (`segtune promote --approve`: segtune-<model>-synthetic_em@champion);
 5. tables of the trials, a comparison of the two pairs with their untrained baselines, and
    where to look.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from segtune.config import ExperimentConfig
     from tracking.registry import Promotion
 
 # `--quick`: the same path with 3 short trials on fewer patches, for the test suite.
@@ -49,7 +51,7 @@ def run_demo(files: list[Path], *, tracking_uri: str | None, quick: bool, home: 
     """Run the demo over each experiment file (one model/dataset pair each); returns their results."""
     from mlflow.tracking import MlflowClient
 
-    from segtune.commands import promote_best, run_sweep, untrained_test_iou
+    from segtune.commands import run_sweep, untrained_test_iou
     from segtune.config import load_config
     from segtune.console import print_pairs, print_runs
     from segtune.prepare import prepare_data
@@ -75,8 +77,8 @@ def run_demo(files: list[Path], *, tracking_uri: str | None, quick: bool, home: 
         log(f"[3/4] sweep {n}/{len(cfgs)}: {cfg.model.key} on {cfg.dataset.name}, {cfg.search.num_samples} trials, "
             f"Optuna TPE + ASHA on {cfg.search.metric}, {cfg.search.max_concurrent} at a time")
         outcome = run_sweep(cfg, log=log)
-        log(f"[4/4] promoting the best {cfg.model.key} trial by val/dice_best")
-        promotion = promote_best(tracking_uri, cfg.tracking.experiment, sweep_id=outcome.sweep_id, log=log)
+        log(f"[4/4] promoting the best {cfg.model.key} trial by val/dice_best, gated, approved")
+        promotion = _promote(tracking_uri, cfg, outcome.sweep_id, log)
         print_runs(tracking_uri, cfg.tracking.experiment, outcome.sweep_id, champion_run=promotion.run_id)
         best = MlflowClient(tracking_uri).get_run(promotion.run_id).data.metrics
         results.append(PairResult(f"{cfg.model.key} / {cfg.dataset.name}", outcome.sweep_id, cfg.search.num_samples,
@@ -90,3 +92,29 @@ def run_demo(files: list[Path], *, tracking_uri: str | None, quick: bool, home: 
         log(server.ui_hint())
         log(f"The server keeps running; stop it with `segtune server stop --home {home}`.")
     return results
+
+
+def _promote(uri: str, cfg: ExperimentConfig, sweep_id: str, log: Callable[[str], None]) -> Promotion:
+    """`segtune promote --approve` for the sweep; when a gate stops it (e.g. an earlier demo's
+    champion on this server scores better), the champion that stays is the pair's result."""
+    from mlflow.tracking import MlflowClient
+
+    from segtune.commands import promote_best
+    from segtune.errors import GateError
+    from tracking.registry import Promotion, champion_of
+
+    try:
+        return promote_best(uri, cfg.tracking.experiment, sweep_id=sweep_id, approve=True,
+                            reason="segtune demo: the sweep's best trial", log=log)
+    except GateError as err:
+        log(f"      {err}")
+    name = f"segtune-{cfg.model.key}-{cfg.dataset.name}"
+    champion = champion_of(MlflowClient(uri), name)
+    if champion is None:
+        raise GateError(f"{name}: the sweep's best version failed its gates and there is no champion; "
+                        "see the version's gate report in the MLflow registry.")
+    log(f"      '{name}@champion' stays on v{champion.version}")
+    tags = champion.tags
+    return Promotion(name, champion.version, "champion", tags["segtune.run_id"], tags.get("segtune.metric", ""),
+                     float(tags.get("segtune.metric_value", "nan")), tags.get("segtune.sha256", ""),
+                     f"models:/{name}@champion", approved=True)

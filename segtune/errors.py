@@ -34,3 +34,7 @@ class ClusterError(SegtuneError):
 
 class TrainingError(SegtuneError):
     """Training cannot go on as configured, e.g. the loss became NaN or infinite."""
+
+
+class GateError(SegtuneError):
+    """A model version failed a promotion gate and may not take the `champion` alias."""

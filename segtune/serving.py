@@ -1,18 +1,26 @@
-"""The MLflow pyfunc model a promoted checkpoint is registered as ("models from code").
+"""The MLflow pyfunc model a promoted trial is registered as ("models from code").
 
-MLflow logs this file itself, not a pickled object; loading it rebuilds the model with
-segtune from the checkpoint artifact. segtune must be installed where the model is loaded.
+MLflow logs this file itself, not a pickled object. The registered version carries everything
+it needs (segtune.promotion): the full weights and config (artifact `model`, a full checkpoint,
+segtune.checkpoint.write_full), CLIPSeg's tokenizer files, segtune's own code (`code_paths`)
+and pinned requirements, so it loads where neither the training folders nor segtune are.
 
     model = mlflow.pyfunc.load_model("models:/segtune-sam_tiny-synthetic_em@champion")
     masks = model.predict({"image": img, "points": [[120, 88]]})   # img: (H,W) or (H,W,C) uint8
+    masks = model.predict({"image": img, "box": [80, 60, 170, 130]})
+    masks = clipseg.predict({"image": img, "text": "mitochondria"})
 
-Input: one dict, or a list of dicts, each with `image` and a prompt — `points` (N x 2, x/y
-pixels, with optional `labels`, 1 = foreground) or `box` (x0, y0, x1, y1). Without a prompt the
-image centre is used as a point. Output: uint8 masks (0/1), one `(H,W)` array per input.
+Input: one dict, a list of dicts, or a DataFrame (what MLflow hands over after checking the
+signature), each with `image` and at most one kind of prompt: `points` (N x 2, x/y pixels,
+with optional `labels`, 1 = foreground), `box` (x0, y0, x1, y1) or `text`. Which kinds a
+model answers follows its family (segtune.models.PROMPT_KINDS). Without a prompt: the config's
+`prompt.text` for CLIPSeg, the whole image as box for a box-only family (MedSAM), else the
+image centre as a point. Output: uint8 masks (0/1), one `(H,W)` array per input.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,41 +28,108 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
+PROMPT_FIELDS = ("points", "labels", "box", "text")
+
+
+def _given(value: Any) -> bool:
+    """False for what a DataFrame row holds where a field was left out (None, NaN)."""
+    if value is None:
+        return False
+    return not (isinstance(value, float) and math.isnan(value))
+
+
+def request_kinds(family_kinds: tuple[str, ...]) -> set[str]:
+    """The request fields a family's prompt strategies answer: points, box, text."""
+    out = set()
+    for kind in family_kinds:
+        if kind in ("random_point", "center_point", "k_points"):
+            out.add("points")
+        elif kind in ("box", "text"):
+            out.add(kind)
+    return out
+
 
 class SegtuneMaskModel(PythonModel):
-    # We take one dict or a list of dicts of numpy arrays, which no type hint MLflow validates
-    # expresses; this attribute (MLflow's own, see PythonModel.__init_subclass__) says so.
+    # We take one dict, a list of dicts or a DataFrame of numpy arrays, which no type hint MLflow
+    # validates expresses; this attribute (MLflow's own, see PythonModel.__init_subclass__) says so.
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
+        import torch
+
         from segtune.checkpoint import load_model  # torch is needed only once the model loads
+        from segtune.models import PROMPT_KINDS
+        from tracking.artifacts import MANIFEST, verify_manifest
 
-        self.model, self.cfg = load_model(Path(context.artifacts["checkpoint"]))
-        self.model.eval()
+        # `model`: a full checkpoint; `checkpoint`: versions registered before it existed.
+        path = Path(context.artifacts.get("model") or context.artifacts["checkpoint"])
+        if (path / MANIFEST).is_file():
+            verify_manifest(path)  # raises naming a file altered since it was registered
+        self.model, self.cfg = load_model(path)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.kinds = request_kinds(PROMPT_KINDS.get(self.cfg.model.name, ()))
 
-    def _one(self, item: dict) -> np.ndarray:
+    def _prompt(self, item: dict, h: int, w: int):
         import torch
 
         from segtune.prompts import PromptBatch
 
-        image = np.asarray(item["image"], dtype=np.uint8)
+        asked = [k for k in ("points", "box", "text") if _given(item.get(k))]
+        if len(asked) > 1:
+            raise ValueError(f"one prompt per image: got {' and '.join(asked)}")
+        if not asked:  # the model's own default
+            if "text" in self.kinds and self.cfg.prompt.text:
+                item, asked = {"text": self.cfg.prompt.text}, ["text"]
+            elif "points" not in self.kinds and "box" in self.kinds:
+                item, asked = {"box": [0, 0, w - 1, h - 1]}, ["box"]
+            elif "points" in self.kinds:
+                item, asked = {"points": [[w / 2, h / 2]]}, ["points"]
+            else:
+                raise ValueError(f"{self.cfg.model.key} needs a prompt: one of {sorted(self.kinds)}")
+        kind = asked[0]
+        if kind not in self.kinds:
+            raise ValueError(f"{self.cfg.model.key} answers {' or '.join(sorted(self.kinds))} prompts, not {kind}")
+        prompts = PromptBatch()
+        if kind == "text":
+            prompts.texts = [str(item["text"])]
+        elif kind == "box":
+            box = np.array(item["box"], dtype=np.float32)
+            if box.size != 4:
+                raise ValueError(f"box: expected [x0, y0, x1, y1], got {box.size} numbers")
+            prompts.boxes = torch.from_numpy(box.reshape(1, 4))
+        else:
+            pts = np.array(item["points"], dtype=np.float32).reshape(-1, 2)
+            labels = item.get("labels")
+            labels = np.array(labels if _given(labels) else np.ones(len(pts)), dtype=np.int64).reshape(-1)
+            if len(labels) != len(pts):
+                raise ValueError(f"labels: {len(labels)} labels for {len(pts)} points")
+            prompts.points, prompts.labels = torch.from_numpy(pts)[None], torch.from_numpy(labels)[None]
+        return prompts
+
+    def _one(self, item: dict) -> np.ndarray:
+        import torch
+
+        if not _given(item.get("image")):
+            raise ValueError("each input needs an `image`: (H,W) or (H,W,C) numbers 0-255")
+        image = np.asarray(item["image"])
         if image.ndim == 2:
             image = image[..., None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3):
+            raise ValueError(f"image: expected (H,W) or (H,W,C) with C 1 or 3, got shape {image.shape}")
+        image = np.clip(image, 0, 255).astype(np.uint8)
         h, w = image.shape[:2]
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-        prompts = PromptBatch()
-        if item.get("box") is not None:
-            prompts.boxes = torch.tensor(np.asarray(item["box"], dtype=np.float32)).reshape(1, 4)
-        else:
-            pts = np.asarray(item.get("points", [[w / 2, h / 2]]), dtype=np.float32).reshape(-1, 2)
-            labels = np.asarray(item.get("labels", np.ones(len(pts))), dtype=np.int64)
-            prompts.points, prompts.labels = torch.from_numpy(pts)[None], torch.from_numpy(labels)[None]
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(self.device)
+        prompts = self._prompt(item, h, w).to(self.device)
         with torch.no_grad():
             logits = self.model(x, prompts)
-        return (logits[0, 0] > 0).numpy().astype(np.uint8)
+        return (logits[0, 0] > 0).cpu().numpy().astype(np.uint8)
 
     def predict(self, context, model_input, params=None):
-        items = model_input if isinstance(model_input, list) else [model_input]
+        if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):  # a DataFrame
+            items = model_input.to_dict("records")
+        else:
+            items = model_input if isinstance(model_input, list) else [model_input]
         return [self._one(dict(item)) for item in items]
 
 

@@ -75,31 +75,112 @@ def test_runs_lists_the_trials(swept) -> None:
         assert r.data.tags["segtune.trial_id"] in res.stdout
 
 
-def test_promote_sets_champion_on_the_best_validation_run(swept, tmp_path) -> None:
-    cfg, outcome = swept
-    client = MlflowClient(cfg.tracking.uri)
+MODEL = "segtune-sweep-test"  # its own registered name: other modules promote tiny SAMs on this server too
+
+
+def _best(client: MlflowClient, sweep_id: str):
     exp = client.get_experiment_by_name("sweep-test")
     trials = client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`segtune.sweep_id` = '{outcome.sweep_id}' and tags.`segtune.kind` = 'trial'"))
+        f"tags.`segtune.sweep_id` = '{sweep_id}' and tags.`segtune.kind` = 'trial'"))
     eligible = [r for r in trials if "val/dice_best" in r.data.metrics and r.data.tags.get("segtune.pruned") != "true"]
-    best = max(eligible, key=lambda r: r.data.metrics["val/dice_best"])
+    return max(eligible, key=lambda r: r.data.metrics["val/dice_best"])
 
-    res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--sweep", outcome.sweep_id)
+
+@pytest.fixture(scope="module")
+def challenger(swept):
+    """`segtune promote` of the sweep: (version, best run)."""
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--sweep", outcome.sweep_id,
+              "--name", MODEL)
     assert res.returncode == 0, res.stderr
-    name = "segtune-sam_tiny-synthetic_em"
-    version = client.get_model_version_by_alias(name, "champion")
+    assert "gate rescore: passed" in res.stdout and f"segtune approve {MODEL} --version" in res.stdout
+    return client.get_model_version_by_alias(MODEL, "challenger"), _best(client, outcome.sweep_id)
+
+
+def test_promote_registers_the_best_validation_run_as_challenger_with_its_gates(swept, challenger) -> None:
+    cfg, _ = swept
+    client = MlflowClient(cfg.tracking.uri)
+    version, best = challenger
     assert version.tags["segtune.run_id"] == best.info.run_id
     assert version.tags["segtune.metric"] == "val/dice_best"
     assert len(version.tags["segtune.sha256"]) == 64
+    assert version.tags["segtune.gates"] == "passed"
+    for gate in ("checkpoint", "data", "rescore", "margin"):
+        assert version.tags[f"segtune.gate.{gate}"] == "passed"
+    assert version.tags["segtune.data_hash"] == best.data.tags["segtune.data_hash"]
+    rescored = float(version.tags["segtune.rescore_dice"])
+    assert rescored == pytest.approx(best.data.metrics["val/dice_best"], abs=0.01)
+    assert version.tags["segtune.prompt_kinds"] == "points,box"
+    # The report: the version's description and a Markdown artifact on the trial's run.
+    assert f"Gates of {MODEL} v{version.version}: passed" in version.description
+    report = client.download_artifacts(best.info.run_id, f"gates/{MODEL}-v{version.version}.md")
+    assert Path(report).read_text() == version.description
     assert client.get_run(best.info.run_id).info.status == "FINISHED"
+    with pytest.raises(Exception, match="champion"):  # promote alone does not make a champion
+        client.get_model_version_by_alias(MODEL, "champion")
 
-    # The registered version is a pyfunc that predicts masks.
+
+def test_approve_makes_the_challenger_champion_and_records_who_when_why(swept, challenger, tmp_path) -> None:
+    import os
+
+    cfg, _ = swept
+    client = MlflowClient(cfg.tracking.uri)
+    version, _ = challenger
+    res = subprocess.run([*SEGTUNE, "approve", MODEL, "--version", version.version, "--reason", "best of the sweep",
+                          "--tracking-uri", cfg.tracking.uri], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MLFLOW_TRACKING_USERNAME": "alice"})
+    assert res.returncode == 0, res.stderr
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == version.version
+    assert champion.tags["segtune.approved_by"] == "alice"
+    assert champion.tags["segtune.approval_reason"] == "best of the sweep"
+    assert champion.tags["segtune.approval_forced"] == "false"
+    assert champion.tags["segtune.approved_at"].startswith("20")
+
+    # The champion is a pyfunc that predicts masks.
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion", dst_path=str(tmp_path))
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion", dst_path=str(tmp_path))
     image = np.full((256, 256), 150, np.uint8)
     image[100:140, 90:150] = 40
-    masks = model.predict({"image": image, "points": [[120, 120]]})
-    assert masks[0].shape == (256, 256) and set(np.unique(masks[0])) <= {0, 1}
+    for prompt in ({"points": [[120, 120]]}, {"box": [90, 100, 150, 140]}):
+        masks = model.predict({"image": image, **prompt})
+        assert masks[0].shape == (256, 256) and set(np.unique(masks[0])) <= {0, 1}
+
+
+def test_a_version_failing_a_gate_cannot_take_champion(swept, challenger) -> None:
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    version, _ = challenger
+    assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
+    # A tolerance no re-score meets: the new version fails that gate, and --approve refuses it.
+    res = cli("promote", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--sweep", outcome.sweep_id,
+              "--name", MODEL, "--tolerance", "-1", "--approve")
+    assert res.returncode == 1 and "failed its gates (rescore)" in res.stderr and "Traceback" not in res.stderr
+    failed = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
+    failed = client.get_model_version(MODEL, failed.version)
+    assert failed.tags["segtune.gates"] == "failed" and failed.tags["segtune.gate.rescore"] == "failed"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
+
+    res = cli("approve", MODEL, "--version", failed.version, "--reason", "try", "--tracking-uri", cfg.tracking.uri)
+    assert res.returncode == 1 and "failed its gates: rescore" in res.stderr and "--force" in res.stderr
+    assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
+
+    res = cli("approve", MODEL, "--version", failed.version, "--reason", "rollback drill", "--force",
+              "--tracking-uri", cfg.tracking.uri)
+    assert res.returncode == 0, res.stderr
+    forced = client.get_model_version_by_alias(MODEL, "champion")
+    assert forced.version == failed.version and forced.tags["segtune.approval_forced"] == "true"
+    assert forced.tags["segtune.approved_over"] == version.version
+
+    res = cli("approve", MODEL, "--version", version.version, "--reason", "back", "--tracking-uri", cfg.tracking.uri)
+    assert res.returncode == 0, res.stderr
+    assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
+    for bad in (["--version", "999"], ["--version", version.version, "--reason", " "]):
+        res = cli("approve", MODEL, *bad, *([] if "--reason" in bad else ["--reason", "x"]),
+                  "--tracking-uri", cfg.tracking.uri)
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert ("versions are" in res.stderr) or ("--reason" in res.stderr)
 
 
 def test_promote_refuses_unfinished_unscored_and_altered_runs(swept, mlflow_server) -> None:
@@ -116,8 +197,7 @@ def test_promote_refuses_unfinished_unscored_and_altered_runs(swept, mlflow_serv
     assert res.returncode == 1 and "val/absent" in res.stderr
 
     # Alter the best checkpoint on the server's artifact store: promotion must refuse it.
-    champion = client.get_model_version_by_alias("segtune-sam_tiny-synthetic_em", "champion")
-    run_id = champion.tags["segtune.run_id"]
+    run_id = _best(client, swept[1].sweep_id).info.run_id
     weights = [p for p in Path(mlflow_server.home).rglob("model.safetensors")
                if run_id in p.as_posix() and "checkpoints/best" in p.as_posix()]
     assert weights, "checkpoint file not found in the server's artifact store"
@@ -142,11 +222,10 @@ def test_trial_params_apply_to_a_copy(swept) -> None:
     assert changed.train.lr == 0.5 and cfg.train.lr != 0.5
 
 
-def test_racing_promotions_leave_champion_on_the_best(swept) -> None:
+def test_racing_promotions_leave_the_alias_on_the_best(swept) -> None:
     import threading
 
-    from segtune.commands import SERVING_CODE
-    from tracking.registry import promote
+    from segtune.promotion import promote
 
     cfg, outcome = swept
     client = MlflowClient(cfg.tracking.uri)
@@ -159,7 +238,7 @@ def test_racing_promotions_leave_champion_on_the_best(swept) -> None:
 
     def go(run_id: str) -> None:
         try:
-            promote(cfg.tracking.uri, "sweep-test", code_path=SERVING_CODE, run_id=run_id, alias="race",
+            promote(cfg.tracking.uri, "sweep-test", run_id=run_id, alias="race", name="segtune-race-test",
                     log=lambda _: None)
         except BaseException as err:  # surfaced below
             errors.append(err)
@@ -171,5 +250,8 @@ def test_racing_promotions_leave_champion_on_the_best(swept) -> None:
         t.join()
     assert not errors, errors
     best = max(done, key=lambda r: r.data.metrics["val/dice_best"])
-    winner = client.get_model_version_by_alias("segtune-sam_tiny-synthetic_em", "race")
+    winner = client.get_model_version_by_alias("segtune-race-test", "race")
     assert float(winner.tags["segtune.metric_value"]) == pytest.approx(best.data.metrics["val/dice_best"])
+    # Every version was judged on its own registered weights.
+    for v in client.search_model_versions("name = 'segtune-race-test'"):
+        assert client.get_model_version("segtune-race-test", v.version).tags["segtune.gates"] == "passed"

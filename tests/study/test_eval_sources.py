@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from segtune.commands import SERVING_CODE, SERVING_REQUIREMENTS
 from segtune.errors import CheckpointError, ConfigError
 from segtune.evaluate import evaluate_checkpoint
+from segtune.promotion import promote
 from tests.study.conftest import THESIS, twin_config
-from tracking.registry import promote
 
 NAME = "qata_sam_e20_tiny"
 FILE = THESIS / "tiny" / f"{NAME}.yaml"
@@ -57,18 +56,19 @@ def test_checkpoint_folder_and_run_give_the_trials_test_score(trained, twin_runs
 
 def test_promoted_model_is_scored_through_the_cli(trained, tmp_path: Path) -> None:
     cfg, run_id, test_iou = trained
-    p = promote(cfg.tracking.uri, cfg.tracking.experiment, code_path=SERVING_CODE, run_id=run_id,
-                pip_requirements=SERVING_REQUIREMENTS, log=lambda _: None)
-    assert p.model_uri == "models:/segtune-sam_tiny-synthetic_qata@champion"
-    res = subprocess.run([sys.executable, "-m", "segtune.cli", "eval", str(FILE), "--model", p.model_uri,
+    p = promote(cfg.tracking.uri, cfg.tracking.experiment, run_id=run_id, approve=True, reason="test",
+                log=lambda _: None)
+    assert p.name == "segtune-sam_tiny-synthetic_qata" and p.approved
+    uri = f"models:/{p.name}@champion"
+    res = subprocess.run([sys.executable, "-m", "segtune.cli", "eval", str(FILE), "--model", uri,
                           "--tracking-uri", cfg.tracking.uri, "--split", "test",
                           "--set", f"dataset.root={cfg.dataset.root}", "--set", f"dataset.cache_dir={cfg.dataset.cache_dir}"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"checkpoint {p.model_uri}" in res.stdout
+    assert f"checkpoint {uri}" in res.stdout
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`segtune.source` = '{p.model_uri}'")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`segtune.source` = '{uri}'")
     assert len(runs) == 1
     run = runs[0]
     assert run.data.tags["segtune.kind"] == "eval" and run.data.tags["segtune.source_run"] == run_id
