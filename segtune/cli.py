@@ -229,9 +229,13 @@ def server_status(home: Path = HomeOpt) -> None:
 
 def main() -> None:
     """Console entry point: user errors as one paragraph, exit code 1, no traceback."""
+    import os
+
     from segtune.errors import SegtuneError
     from tracking.errors import TrackingError
 
+    # MLflow prints each run's URL as it ends, the tracking URI's password included.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         app()
     except (SegtuneError, TrackingError) as err:

@@ -13,13 +13,14 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 def print_runs(uri: str, experiment: str, sweep_id: str | None = None, champion_run: str | None = None,
                console: Console | None = None) -> None:
     """Print the sweep's trials: parameters, validation and test scores, status."""
+    from tracking.redact import redact
     from tracking.report import sweep_rows
 
     rows = sweep_rows(uri, experiment, sweep_id)
     # Piped output defaults to 80 columns, which wraps this table; 110 fits it.
     console = console or Console(width=max(Console().width, 110))
     if not rows:
-        console.print(f"no sweep trials in experiment {experiment!r} at {uri}")
+        console.print(f"no sweep trials in experiment {experiment!r} at {redact(uri)}")
         return
     table = Table(title=f"{experiment}: {len(rows)} trials", title_justify="left")
     for col in ("trial", "lr", "batch", "epochs", "val/dice_best", "test/iou", "status"):

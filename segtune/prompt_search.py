@@ -37,6 +37,7 @@ from segtune.config import (
     validate,
 )
 from segtune.errors import ConfigError
+from tracking.redact import redact
 
 Log = Callable[[str], None]
 DIM = "prompt.text"
@@ -199,7 +200,7 @@ def write_best(outcome: SearchOutcome, cfg: ExperimentConfig) -> Path:
     body = {"prompt": {"text": outcome.best}, "metric": outcome.metric, "score": outcome.scores[outcome.best],
             "samples": ps.sample, "scores": dict(sorted(outcome.scores.items(), key=lambda kv: -kv[1])),
             "search_id": outcome.search_id, "parent_run_id": outcome.parent_run_id,
-            "tracking_uri": cfg.tracking.uri}
+            "tracking_uri": redact(cfg.tracking.uri)}
     outcome.output.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# The best text prompt for experiment {cfg.name}, found by `segtune prompt-search`.\n"
               f"# Fine-tune with it: segtune train FILE --set prompt.text={json.dumps(outcome.best)}\n")

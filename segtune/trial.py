@@ -95,7 +95,9 @@ def trial_log(workdir: Path) -> Iterator[Callable[[str], None]]:
     with open(workdir / "trial.log", "a") as file:
 
         def log(line: str) -> None:
-            file.write(line + "\n")
+            from tracking.redact import redact
+
+            file.write(redact(line) + "\n")
             file.flush()
 
         yield log
