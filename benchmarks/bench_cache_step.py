@@ -1,8 +1,8 @@
 """Benchmark 3: a decoder-only training step on a cached embedding vs one that runs the encoder.
 
 SAM vit_b (random weights, fp32, CPU, 1 image of 1024x1024; goal >=30x) and CLIPSeg with a
-ViT-B/16 vision tower at 352x352 (random weights; goal >=10x). Few steps: a vit_b encoder pass
-alone takes ~10+ s on 2 CPU cores.
+ViT-B/16 vision tower at 352x352 (random weights; goal >=10x). Each side takes one untimed
+warm-up step first. Few steps: a vit_b encoder pass alone takes ~10+ s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def step_times(model, images: torch.Tensor, prompts: PromptBatch, mask: torch.Te
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # Both sides warm up alike (first-call allocations, kernel selection) before one is timed.
+    step(model(images, prompts))
     t = time.perf_counter()
     step(model(images, prompts))  # the uncached path: encoder (no grad needed) + decoder
     full = time.perf_counter() - t

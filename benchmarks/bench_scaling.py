@@ -2,10 +2,10 @@
 
 Three real sweeps (`segtune.commands.run_sweep`: local Ray, Optuna, FIFO so every trial runs all its
 epochs, a real local MLflow server), identical but for `search.num_samples`, at concurrency 2.
-Linear scaling means the wall time per trial stays flat as the sweep grows; the ratio printed
-is (seconds per trial at 16) / (seconds per trial at 4): 1.0 is linear, above 1 is worse.
-Each sweep pays Ray's start once, so the 4-trial sweep carries the most fixed cost per trial;
-the marginal cost of each added trial (4 -> 8, 8 -> 16) is printed too. A 2-trial sweep runs
+Linear scaling means every added trial costs the same: the ratio judged is the marginal cost
+per added trial from 8 to 16 over that from 4 to 8 (1.0 is linear, above 1 is worse). Seconds
+per trial are printed too, but they fall with any fixed start-up (each sweep pays Ray's start
+once), so they cannot show growth that is worse than linear. A 2-trial sweep runs
 first, untimed, so first-use costs in this process do not land on the 4-trial sweep.
 Reduced: trials of a few seconds (tiny SAM, 2 epochs over 8 samples). Goal: <=1.10x.
 """
@@ -38,11 +38,13 @@ def main() -> None:
             per_trial[n], walls[n] = wall / n, wall
             print(f"{n:2d} trials at concurrency 2: wall {wall:6.1f}s, {per_trial[n]:.2f}s per trial", flush=True)
     a, b, c = SIZES
-    print(f"marginal cost per added trial: {(walls[b] - walls[a]) / (b - a):.2f}s from {a} to {b}, "
-          f"{(walls[c] - walls[b]) / (c - b):.2f}s from {b} to {c} (equal when growth is linear)")
-    ratio = per_trial[c] / per_trial[a]
-    verdict("scaling 4 -> 16 trials (s/trial at 16 over s/trial at 4)", ratio, "<=1.10x", ratio <= 1.10,
-            "below 1: the sweep's fixed start-up is spread over more trials")
+    early, late = (walls[b] - walls[a]) / (b - a), (walls[c] - walls[b]) / (c - b)
+    print(f"marginal cost per added trial: {early:.2f}s from {a} to {b}, {late:.2f}s from {b} to {c} "
+          f"(equal when growth is linear); s/trial at {c} over s/trial at {a}: "
+          f"{per_trial[c] / per_trial[a]:.3f}x (amortised start-up, not the verdict)")
+    # Linear means each added trial costs what the earlier ones did: judged on the marginal cost,
+    # not on seconds per trial, which falls with any fixed start-up however the rest grows.
+    verdict(f"scaling, marginal s/trial {b}->{c} over {a}->{b}", late / early, "<=1.10x", late / early <= 1.10)
 
 
 if __name__ == "__main__":
