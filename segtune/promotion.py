@@ -130,7 +130,7 @@ def rescore(model: Segmenter, cfg: ExperimentConfig, log: Log = print) -> tuple[
     return metrics["dice"], len(ds), data_hash
 
 
-def evaluate_gates(*, run, name: str, model: Segmenter, cfg: ExperimentConfig, metric: str, mode: str,
+def evaluate_gates(*, run, model: Segmenter, cfg: ExperimentConfig, metric: str, mode: str,
                    sha256: str, champion: Any, tolerance: float = RESCORE_TOLERANCE,
                    min_margin: float = 0.0, log: Log = print) -> tuple[list[Gate], dict[str, Any]]:
     """Judge a registered version: (gates, tags with the measured values)."""
@@ -205,7 +205,8 @@ def promote(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: s
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from segtune.checkpoint import load_model, write_full
+    from segtune.checkpoint import load_model, read_state, write_full
+    from segtune.config import validate
     from segtune.errors import CheckpointError
     from tracking import registry
     from tracking.artifacts import verify_manifest
@@ -228,7 +229,7 @@ def promote(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: s
         except CheckpointError as err:
             raise CheckpointError(f"{err} Promotion merges the trial's weights with its base model, so "
                                   "it runs where model.checkpoint's file is.") from None
-        _, cfg = load_model(full)
+        cfg = validate(read_state(full)["config"], f"{full}/state.json")
         tags = {"segtune.run_id": rid, "segtune.metric": metric, "segtune.metric_value": value,
                 "segtune.sha256": sha, "segtune.trial_id": run.data.tags.get("segtune.trial_id", ""),
                 "segtune.sweep_id": run.data.tags.get("segtune.sweep_id", ""),
@@ -251,7 +252,7 @@ def promote(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: s
         verify_manifest(local)
         registered, _ = load_model(local)
     champion = registry.champion_of(client, name)
-    p.gates, measured = evaluate_gates(run=run, name=name, model=registered, cfg=cfg, metric=metric,
+    p.gates, measured = evaluate_gates(run=run, model=registered, cfg=cfg, metric=metric,
                                        mode=mode, sha256=sha, champion=champion, tolerance=tolerance,
                                        min_margin=min_margin, log=log)
     registry.record_gates(uri, name, version, rid, p.gates, gate_report(p, run, cfg, p.gates), measured)

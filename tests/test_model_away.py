@@ -238,9 +238,13 @@ def test_away_from_home_in_a_new_environment_from_its_own_requirements(champions
                          capture_output=True, text=True, timeout=1500)
     assert pip.returncode == 0, pip.stderr[-3000:]
     frozen = subprocess.run([str(venv / "bin" / "pip"), "freeze"], capture_output=True, text=True, check=True).stdout
-    resolved = {k.lower(): v.split("+")[0] for k, v in (line.split("==") for line in frozen.split() if "==" in line)}
-    for dist, version in pins.items():
-        assert resolved[dist.lower()] == version, (dist, resolved.get(dist.lower()), version)
+
+    def norm(dist: str) -> str:  # as pip compares names: huggingface_hub is huggingface-hub
+        return dist.lower().replace("_", "-").replace(".", "-")
+
+    resolved = {norm(k): v.split("+")[0] for k, v in (line.split("==") for line in frozen.split() if "==" in line)}
+    for dist, version in pins.items():  # the pinned versions are the ones installed
+        assert resolved[norm(dist)] == version, (dist, resolved.get(norm(dist)), version)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(MLFLOW_TRACKING_URI=mlflow_server.uri, PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")

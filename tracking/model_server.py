@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import requests
 
 from tracking.errors import TrackingError
-from tracking.redact import redact
+from tracking.redact import redact, secret_values
 from tracking.registry import CHAMPION
 
 
@@ -85,6 +86,17 @@ def serving_example(tracking_uri: str, uri: str) -> dict[str, Any]:
         return json.loads(Path(local).read_text())
 
 
+def _copy_masked(process: subprocess.Popen, log: Path) -> None:
+    """The server's output into `log`, line by line, with URI passwords and secret values masked
+    (its errors may quote the tracking URI)."""
+    secrets = secret_values()
+    assert process.stdout is not None
+    with open(log, "a") as out:
+        for raw in process.stdout:
+            out.write(redact(raw.decode(errors="replace"), secrets))
+            out.flush()
+
+
 def _tail(log: Path, lines: int = 25) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
@@ -124,9 +136,9 @@ def start(tracking_uri: str, ref: str, *, port: int, log_dir: Path, timeout: flo
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri, "PATH": path}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    with open(log_file, "ab") as out:
-        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    threading.Thread(target=_copy_masked, args=(process, log_file), name="segtune-serve-log", daemon=True).start()
     served = ServedModel(uri, f"http://127.0.0.1:{port}", port, process, log_file)
     session = requests.Session()
     session.trust_env = False  # our own loopback server: no proxy
