@@ -69,7 +69,8 @@ def score_loader(model: nn.Module, loader: Iterable[dict[str, Any]], *, accelera
             logits = forward_batch(model, batch, device)
         pred, target = masks_from_logits(logits.float()), batch["mask"].to(device) > 0.5
         scores = torch.stack([dice(pred, target), iou(pred, target)], dim=1)
-        local_iou = scores[:, 1].cpu()
+        # This worker's own IoUs, for the overlays' captions; copied only while examples are kept.
+        local_iou = scores[:, 1].cpu() if len(examples) < keep else None
         if accelerator is not None:
             # Per-image scores from every worker; gather_for_metrics drops the padding Accelerate
             # adds to even out the last batch across workers.

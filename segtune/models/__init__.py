@@ -52,15 +52,20 @@ ARCHITECTURES: dict[str, Callable[[ModelConfig, Path | None], Segmenter]] = {
 }
 
 
+def _seeded(make: Callable[[], Segmenter], cfg: ModelConfig) -> Segmenter:
+    """`make()` under the fixed INIT_SEED (without touching the caller's RNG), policy applied."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        model = make()
+    model.set_policy(cfg.freeze_policy)
+    return model
+
+
 def build_model(cfg: ModelConfig) -> Segmenter:
     """Build the model a config names, with its training policy applied."""
     if cfg.name not in MODELS:
         raise ConfigError(f"model.name: unknown model {cfg.name!r}; expected one of {', '.join(MODELS)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        model = MODELS[cfg.name](cfg)
-    model.set_policy(cfg.freeze_policy)
-    return model
+    return _seeded(lambda: MODELS[cfg.name](cfg), cfg)
 
 
 def build_architecture(cfg: ModelConfig, assets: Path | None = None) -> Segmenter:
@@ -69,11 +74,7 @@ def build_architecture(cfg: ModelConfig, assets: Path | None = None) -> Segmente
     if cfg.name not in ARCHITECTURES:
         raise ConfigError(f"model.name: unknown model {cfg.name!r}; expected one of {', '.join(ARCHITECTURES)}")
     bare = cfg.model_copy(update={"checkpoint": None, "adapter_checkpoint": None})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        model = ARCHITECTURES[cfg.name](bare, assets)
-    model.set_policy(cfg.freeze_policy)
-    return model
+    return _seeded(lambda: ARCHITECTURES[cfg.name](bare, assets), cfg)
 
 
 __all__ = ["ARCHITECTURES", "MODELS", "PROMPT_KINDS", "Segmenter", "build_architecture", "build_model",
