@@ -40,9 +40,11 @@ def _given(value: Any) -> bool:
 
 def request_kinds(family_kinds: tuple[str, ...]) -> set[str]:
     """The request fields a family's prompt strategies answer: points, box, text."""
+    from segtune.models import POINTS  # torch comes with it: only once a model is in play
+
     out = set()
     for kind in family_kinds:
-        if kind in ("random_point", "center_point", "k_points"):
+        if kind in POINTS:
             out.add("points")
         elif kind in ("box", "text"):
             out.add(kind)
