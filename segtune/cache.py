@@ -40,6 +40,7 @@ from torch import nn
 from segtune.config import ExperimentConfig
 from segtune.data import open_store
 from segtune.models import Segmenter
+from segtune.progress import progress
 
 if TYPE_CHECKING:
     from segtune.prompts import PromptBatch
@@ -174,7 +175,9 @@ def _compute(model: Segmenter, store: Path, out: Path, parts: dict[str, Any], dt
     arr = None
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=AUTOCAST.get(precision),
-                                             enabled=precision in AUTOCAST):
+                                             enabled=precision in AUTOCAST), \
+                progress("embedding cache: encoding images", len(images), unit="images",
+                         line=log) as bar:
             for lo in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.array(images[lo : lo + batch_size].transpose(0, 3, 1, 2)))  # a writable copy
                 emb = model.encode(x.to(device)).float().movedim(axis, 0).cpu().numpy()
@@ -182,6 +185,7 @@ def _compute(model: Segmenter, store: Path, out: Path, parts: dict[str, Any], dt
                     arr = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=DTYPES[dtype],
                                                     shape=(len(images), *emb.shape[1:]))
                 arr[lo : lo + len(emb)] = emb
+                bar.advance(len(emb))
     finally:
         model.train(was_training)
     assert arr is not None
