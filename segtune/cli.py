@@ -12,10 +12,10 @@ from typing import List, Optional
 
 import typer
 
-from segtune.study_cli import UriOpt  # typer only: --help stays fast
+from segtune.study_cli import UriOpt, print_config  # typer only: --help stays fast
 
 app = typer.Typer(help="Fine-tune promptable segmentation models with Ray Tune sweeps tracked in MLflow.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 server_app = typer.Typer(help="The local MLflow tracking server (SQLite + local artifacts, on 127.0.0.1).",
                          no_args_is_help=True)
 app.add_typer(server_app, name="server")
@@ -38,6 +38,27 @@ SetOpt = typer.Option(None, "--set", help="Override a field: --set train.lr=3e-4
 ServerUriOpt = typer.Option("http://127.0.0.1:5000", "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                             help="MLflow tracking URI (or $MLFLOW_TRACKING_URI).")
 HomeOpt = typer.Option(Path(".segtune/mlflow"), "--home", help="Folder of the local server's database and artifacts.")
+
+
+#: `segtune sweep`'s exit status when no trial ended with a result (every one failed, or was
+#: stopped before its first epoch); user errors exit 1 and Ctrl-C 130, as every command does.
+NO_RESULT = 2
+PrintConfigOpt = typer.Option(False, "--print-config", help="Print the resolved experiment (after --set) "
+                              "as YAML and exit; nothing is launched.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"segtune {version('segtune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="Print segtune's version and exit.")) -> None:
+    """Fine-tune promptable segmentation models with Ray Tune sweeps tracked in MLflow."""
 
 
 def say(line: str) -> None:
@@ -63,8 +84,13 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file; with --re
                                                 "default RAY_ADDRESS, else a local Ray."),
           resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished sweep of FILE, or the "
                                       "sweep whose folder (under search.storage_path) FILE is."),
-          set_: Optional[List[str]] = SetOpt) -> None:
-    """Run a hyperparameter sweep (Ray Tune + Optuna TPE + ASHA), each trial an MLflow child run."""
+          set_: Optional[List[str]] = SetOpt,
+          show_config: bool = PrintConfigOpt) -> None:
+    """Run a hyperparameter sweep (Ray Tune + Optuna TPE + ASHA), each trial an MLflow child run.
+
+    Exits 0 when at least one trial ended with a result, 2 when none did (every trial failed or
+    was stopped without one), 1 for user errors and 130 on Ctrl-C.
+    """
     from segtune.commands import load_resume_dir, run_sweep
     from segtune.console import print_runs
 
@@ -73,10 +99,17 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file; with --re
         cfg, target = load_resume_dir(file, list(set_ or []) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else []))
     else:
         cfg = _load(file, set_, tracking_uri)
+    if show_config:
+        print_config(cfg)
     outcome = run_sweep(cfg, address=address, resume=target, log=say)
     print_runs(cfg.tracking.uri, cfg.tracking.experiment, outcome.sweep_id)
     if outcome.interrupted:
         raise typer.Exit(130)
+    if outcome.finished == 0:
+        say(f"sweep {outcome.sweep_id}: no trial ended with a result ({outcome.failed} of "
+            f"{len(outcome.statuses or {})} failed; each trial's line above names its error.txt, and "
+            f"its MLflow run carries the reason in the segtune.error tag). Exit status {NO_RESULT}.")
+        raise typer.Exit(NO_RESULT)
     say(f"Promote the best trial: segtune promote {cfg.tracking.experiment} --tracking-uri {cfg.tracking.uri}")
 
 
@@ -102,11 +135,14 @@ def train(file: Path = typer.Argument(..., help="Experiment YAML file."),
           tracking_uri: Optional[str] = UriOpt,
           out: Path = typer.Option(Path(".segtune/train"), "--out", help="Folder for checkpoints."),
           no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
-          set_: Optional[List[str]] = SetOpt) -> None:
+          set_: Optional[List[str]] = SetOpt,
+          show_config: bool = PrintConfigOpt) -> None:
     """Train one trial with the file's values (no Ray): the same loop a sweep's trials run."""
     from segtune.commands import train_one
 
     cfg = _load(file, set_, tracking_uri)
+    if show_config:
+        print_config(cfg)
     metrics = train_one(cfg, out.resolve(), track=not no_track, log=say)
     say(f"test/iou {metrics.get('test/iou', float('nan')):.4f}; checkpoints in {out / 'checkpoints'}")
 
@@ -175,12 +211,24 @@ def serve(model: str = typer.Argument(..., help="NAME[@ALIAS] (default alias cha
 @app.command()
 def runs(experiment: str = typer.Argument(..., help="MLflow experiment name."),
          tracking_uri: str = ServerUriOpt,
-         sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep).")) -> None:
+         sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the trials as JSON (for scripts) instead of "
+                                      "a table.")) -> None:
     """A table of a sweep's trials, read back from MLflow."""
-    from segtune.console import print_runs
     from tracking.server import check_server
 
     check_server(tracking_uri)
+    if as_json:
+        import json
+        from dataclasses import asdict
+
+        from tracking.report import sweep_rows
+
+        rows = [asdict(row) for row in sweep_rows(tracking_uri, experiment, sweep_id)]
+        typer.echo(json.dumps({"experiment": experiment, "sweep_id": sweep_id, "trials": rows}, indent=1))
+        return
+    from segtune.console import print_runs
+
     print_runs(tracking_uri, experiment, sweep_id)
 
 

@@ -25,6 +25,16 @@ class SweepOutcome:
     closed: dict[str, str]
     interrupted: bool = False
     unsent: dict[str, object] | None = None  # runs whose spooled data the server has not taken yet
+    statuses: dict[str, str] | None = None  # Tune's final status per trial id
+
+    @property
+    def finished(self) -> int:
+        """Trials that ended with a result (completed, or stopped early by the scheduler)."""
+        return sum(s == "TERMINATED" for s in (self.statuses or {}).values())
+
+    @property
+    def failed(self) -> int:
+        return sum(s == "ERROR" for s in (self.statuses or {}).values())
 
 
 def space_hash(cfg: ExperimentConfig) -> str:
@@ -173,7 +183,7 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
         if unsent:
             log(f"{len(unsent)} runs still hold data the tracking server did not take; deliver it later "
                 f"with: segtune sync --tracking-uri {cfg.tracking.uri} --spool {spool}")
-    return SweepOutcome(sweep_id, parent, closed, status == "KILLED", unsent or None)
+    return SweepOutcome(sweep_id, parent, closed, status == "KILLED", unsent or None, statuses)
 
 
 def _await_server(uri: str, log: Log, patience: float = 120.0) -> None:

@@ -24,6 +24,7 @@ from segtune.loaders import eval_loader, eval_split
 from segtune.models import Segmenter
 from segtune.overlay_log import write_overlays
 from segtune.prepare import Log, check_experiment, check_fit, prepare_data
+from segtune.progress import track
 from segtune.provenance import git_sha
 from segtune.scoring import Example, hwc, score_loader
 from segtune.trial import run_tags, tracked
@@ -46,7 +47,7 @@ def score_amg(model: Segmenter, ds: SegDataset, cfg: ExperimentConfig, keep: int
     totals: dict[str, float] = {}
     examples = []
     last: tuple[bytes, list[np.ndarray]] = (b"", [])
-    for n in range(len(ds)):
+    for n in track(range(len(ds)), "AMG: generating masks", unit="images", line=log):
         item = ds[n]
         gt = item["mask"][0].numpy() > 0.5
         # The samples of one image (a Cityscapes scene, one per class) are stored one after
@@ -61,8 +62,6 @@ def score_amg(model: Segmenter, ds: SegDataset, cfg: ExperimentConfig, keep: int
         if len(examples) < keep:
             examples.append(Example(hwc(item["image"]), gt, union, caption=(
                 f"AMG {int(scores['masks'])} masks, {int(scores['masks_inside'])} inside; IoU {scores['iou']:.2f}")))
-        if (n + 1) % 50 == 0:
-            log(f"  AMG: {n + 1}/{len(ds)} images")
     return {k: v / len(ds) for k, v in totals.items()}, examples
 
 
@@ -74,7 +73,8 @@ def score(model: Segmenter, cfg: ExperimentConfig, store: Path, *, split: str | 
     if cfg.eval.protocol == "amg":
         metrics, examples = score_amg(model, ds, cfg, keep, log)
     else:
-        metrics, examples = score_loader(model, eval_loader(cfg, ds), keep=keep)
+        metrics, examples = score_loader(model, eval_loader(cfg, ds), keep=keep, line=log,
+                                         label=f"scoring {cfg.model.key} on {cfg.dataset.name} {split}")
     out = {f"{split}/{k}": float(v) for k, v in metrics.items()}
     out[f"{split}/samples"] = float(len(ds))
     return out, examples

@@ -126,7 +126,8 @@ def rescore(model: Segmenter, cfg: ExperimentConfig, log: Log = print) -> tuple[
     prompted = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"protocol": "prompted"})})
     ds = eval_split(prompted, store, "val", cfg.dataset.max_eval)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics, _ = score_loader(model.to(device), eval_loader(prompted, ds))
+    metrics, _ = score_loader(model.to(device), eval_loader(prompted, ds), line=log,
+                              label="re-scoring the checkpoint on val")
     return metrics["dice"], len(ds), data_hash
 
 

@@ -94,13 +94,15 @@ def check(cfg: ExperimentConfig) -> PromptSearchConfig:
     return cfg.prompt_search
 
 
-def run_search(cfg: ExperimentConfig, ctx: SearchContext, texts: list[str], *, address: str | None) -> None:
+def run_search(cfg: ExperimentConfig, ctx: SearchContext, texts: list[str], *, address: str | None,
+               log: Log = print) -> None:
     """The Tune study: OptunaSearch over the candidates, FIFO (a trial is one scoring pass)."""
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from segtune.tune import build_tuner, ray_session
+    from segtune.progress import progress
+    from segtune.tune import build_tuner, on_trial_end, ray_session
 
     ps = cfg.prompt_search
     assert ps is not None
@@ -112,14 +114,17 @@ def run_search(cfg: ExperimentConfig, ctx: SearchContext, texts: list[str], *, a
                                 points_to_evaluate=enqueue)
         trainable = tune.with_resources(tune.with_parameters(_score_trial, base=cfg.model_dump(), ctx=ctx),
                                         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
-        build_tuner(
-            cfg, trainable, name=f"{cfg.name}-prompts-{ctx.search_id}", param_space={DIM: tune.choice(texts)},
-            tune_config=tune.TuneConfig(metric=f"{ps.split}/{ps.metric}", mode="max", search_alg=searcher,
-                                        num_samples=num, max_concurrent_trials=cfg.search.max_concurrent,
-                                        # A trial is one short scoring pass: keep the worker (and
-                                        # its imported torch) for the next candidate.
-                                        reuse_actors=True),
-        ).fit()
+        with progress("prompt search: scoring candidates", num, unit="prompts", line=log) as bar, \
+                on_trial_end(bar.advance) as scored:
+            build_tuner(
+                cfg, trainable, name=f"{cfg.name}-prompts-{ctx.search_id}", param_space={DIM: tune.choice(texts)},
+                tune_config=tune.TuneConfig(metric=f"{ps.split}/{ps.metric}", mode="max", search_alg=searcher,
+                                            num_samples=num, max_concurrent_trials=cfg.search.max_concurrent,
+                                            # A trial is one short scoring pass: keep the worker (and
+                                            # its imported torch) for the next candidate.
+                                            reuse_actors=True),
+                callbacks=[scored],
+            ).fit()
 
 
 @dataclass
@@ -163,7 +168,7 @@ def prompt_search(cfg: ExperimentConfig, *, address: str | None = None, write: l
         f"{metric} on {ps.sample} samples; parent run {parent.run_id}")
     status = "FAILED"
     try:
-        run_search(cfg, SearchContext(str(store), data_hash, search_id, parent.run_id), texts, address=address)
+        run_search(cfg, SearchContext(str(store), data_hash, search_id, parent.run_id), texts, address=address, log=log)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

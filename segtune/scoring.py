@@ -8,7 +8,7 @@ few samples as `Example`s for overlay figures.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from torch import nn
 
 from segtune.cache import decode_cached
 from segtune.metrics import dice, iou, masks_from_logits
+from segtune.progress import progress
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -51,15 +52,27 @@ def hwc(image: torch.Tensor) -> np.ndarray:
     return image.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0)
 
 
-@torch.no_grad()
 def score_loader(model: nn.Module, loader: Iterable[dict[str, Any]], *, accelerator: Accelerator | None = None,
-                 keep: int = 0) -> tuple[dict[str, float], list[Example]]:
+                 keep: int = 0, label: str | None = None,
+                 line: Callable[[str], None] | None = None) -> tuple[dict[str, float], list[Example]]:
     """Mean per-image Dice and IoU of the model's thresholded masks over `loader`, and its
     first `keep` samples as overlay examples.
 
     With `accelerator` (a trial's), batches run under its autocast and the scores of every
     worker are gathered; without, on the device the model's weights are on, in full precision.
+    With `label` (a standalone evaluation, not a trial's epoch), progress is shown under that
+    label; plain progress lines go to `line`.
     """
+    if label is None:
+        return _score(model, loader, accelerator, keep, None)
+    total = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[arg-type]
+    with progress(label, total, unit="images", line=line) as bar:
+        return _score(model, loader, accelerator, keep, bar.advance)
+
+
+@torch.no_grad()
+def _score(model: nn.Module, loader: Iterable[dict[str, Any]], accelerator: Accelerator | None, keep: int,
+           advance: Callable[[int], None] | None) -> tuple[dict[str, float], list[Example]]:
     model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     autocast = accelerator.autocast if accelerator is not None else nullcontext
@@ -85,6 +98,8 @@ def score_loader(model: nn.Module, loader: Iterable[dict[str, Any]], *, accelera
                 points=None if pr.points is None else pr.points[i].cpu().numpy(),
                 box=None if pr.boxes is None else pr.boxes[i].cpu().numpy(),
                 text=None if pr.texts is None else pr.texts[i]))
+        if advance is not None:
+            advance(len(pred))
     return {"dice": torch.cat(dices).mean().item(), "iou": torch.cat(ious).mean().item()}, examples
 
 

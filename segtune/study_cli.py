@@ -22,6 +22,16 @@ def say(line: str) -> None:
     typer.echo(line)
 
 
+def print_config(cfg) -> None:
+    """The experiment as it would run, as YAML, secrets in URIs masked; then exit 0."""
+    import yaml
+
+    from tracking.redact import redact
+
+    typer.echo(redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)), nl=False)
+    raise typer.Exit()
+
+
 def _load(file: Path, overrides: Optional[List[str]], uri: Optional[str], extra: list[str] | None = None):
     from segtune.config import load_config
 
@@ -40,17 +50,21 @@ def eval_command(
     split: Optional[str] = typer.Option(None, "--split", help="train, val or test (default: the file's eval.split)."),
     tracking_uri: Optional[str] = UriOpt,
     set_: Optional[List[str]] = SetOpt,
+    show_config: bool = typer.Option(False, "--print-config", help="Print the resolved experiment (after "
+                                     "--set) as YAML and exit; nothing is scored."),
 ) -> None:
     """Score a model zero-shot (SAM AMG, point/box prompts, CLIPSeg text) or any trained checkpoint."""
     from segtune.errors import ConfigError
     from segtune.evaluate import evaluate_checkpoint
     from segtune.evaluate import zero_shot as run_zero_shot
 
+    cfg = _load(file, set_, tracking_uri, [f"eval.split={split}"] if split else None)
+    if show_config:
+        print_config(cfg)
     sources = sum(x is not None for x in (checkpoint, run, model)) + int(zero_shot)
     if sources != 1:
         raise ConfigError("segtune eval: give exactly one of --zero-shot, --checkpoint PATH, --run RUN_ID, "
                           "--model models:/NAME@ALIAS.")
-    cfg = _load(file, set_, tracking_uri, [f"eval.split={split}"] if split else None)
     if zero_shot:
         run_zero_shot(cfg, log=say)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,6 +173,40 @@ class TrialProgress(tune.Callback):
             return t.status  # ended in an earlier session of a resumed sweep
 
         FINAL_STATUSES[self.sweep_id] = {t.trial_id: status(t) for t in trials}
+
+
+# Driver-side functions that `OnTrialEnd` callbacks call, by key: Tune pickles its callbacks
+# with the experiment's state, and a progress bar (a live display, locks) does not pickle.
+_ON_TRIAL_END: dict[str, Callable[[], None]] = {}
+
+
+class OnTrialEnd(tune.Callback):
+    """Calls a driver-side function each time a trial completes or fails (e.g. a progress bar's
+    advance); see `on_trial_end`."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._call()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._call()
+
+    def _call(self) -> None:
+        if (fn := _ON_TRIAL_END.get(self.key)) is not None:
+            fn()
+
+
+@contextmanager
+def on_trial_end(fn: Callable[[], None]) -> Iterator[OnTrialEnd]:
+    """A Tune callback that calls `fn` as each trial ends, while the block runs."""
+    key = uuid.uuid4().hex
+    _ON_TRIAL_END[key] = fn
+    try:
+        yield OnTrialEnd(key)
+    finally:
+        del _ON_TRIAL_END[key]
 
 
 @contextmanager

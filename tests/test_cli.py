@@ -70,6 +70,37 @@ def test_set_override_with_bad_value_names_field(tmp_path: Path) -> None:
     assert res.returncode == 1 and "train.epochs" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    res = cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"segtune {version('segtune')}"
+
+
+def test_print_config_shows_the_resolved_experiment_and_launches_nothing(tmp_path: Path) -> None:
+    import yaml
+
+    from segtune.config import load_config
+
+    res = cli("sweep", str(DEMO), "--set", "train.lr=3e-4", "--set", "search.num_samples=5",
+              "--tracking-uri", "http://alice:s3cret@tracking.example:5000", "--print-config", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "s3cret" not in res.stdout and "alice" in res.stdout
+    shown = yaml.safe_load(res.stdout)
+    assert shown["train"]["lr"] == 3e-4 and shown["search"]["num_samples"] == 5
+    assert list(tmp_path.iterdir()) == [], "--print-config must not prepare data or start anything"
+    # What it prints is an experiment file that loads back to the same settings.
+    again = tmp_path / "resolved.yaml"
+    again.write_text(res.stdout)
+    expected = load_config(DEMO, ["train.lr=3e-4", "search.num_samples=5"]).model_dump(mode="json")
+    loaded = load_config(again).model_dump(mode="json")
+    assert {k: v for k, v in loaded.items() if k != "tracking"} == \
+        {k: v for k, v in expected.items() if k != "tracking"}
+    # A mistake in an override is still caught when the file loads.
+    bad = cli("train", str(DEMO), "--set", "train.epochs=many", "--print-config", cwd=tmp_path)
+    assert bad.returncode == 1 and "train.epochs" in bad.stderr
+
+
 def test_server_status_without_server(tmp_path: Path) -> None:
     res = cli("server", "status", "--home", str(tmp_path / "none"))
     assert res.returncode == 1 and "no server" in res.stdout

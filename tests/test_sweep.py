@@ -75,6 +75,24 @@ def test_runs_lists_the_trials(swept) -> None:
         assert r.data.tags["segtune.trial_id"] in res.stdout
 
 
+def test_runs_json_gives_every_trial_with_its_scores(swept) -> None:
+    import json
+
+    cfg, outcome = swept
+    res = cli("runs", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--sweep", outcome.sweep_id, "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["experiment"] == "sweep-test" and got["sweep_id"] == outcome.sweep_id
+    client = MlflowClient(cfg.tracking.uri)
+    by_run = {t["run_id"]: t for t in got["trials"]}
+    assert {t["trial_id"] for t in got["trials"]} == set(outcome.statuses)
+    for run_id, trial in by_run.items():
+        metrics = client.get_run(run_id).data.metrics
+        assert trial["val_dice_best"] == metrics.get("val/dice_best")
+        assert trial["test_iou"] == metrics.get("test/iou")
+    assert outcome.finished == len(got["trials"]) and outcome.failed == 0
+
+
 MODEL = "segtune-sweep-test"  # its own registered name: other modules promote tiny SAMs on this server too
 
 

@@ -34,6 +34,22 @@ def test_nan_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, em_data
         assert r.info.status == "FINISHED" and "test/iou" in r.data.metrics
 
 
+def test_a_sweep_whose_every_trial_failed_exits_2_with_the_table(tmp_path, em_data, mlflow_server) -> None:
+    """Automation (a pipeline, a Slurm script) must tell a failed sweep from a good one."""
+    uri, name = mlflow_server.uri, "all-failed"
+    file = write_experiment(tmp_path, em_data, uri, name, samples=2, epochs=1, scheduler="fifo")
+    raw = yaml.safe_load(file.read_text())
+    raw["search"]["space"]["train.lr"] = {"choice": [1.0e30]}  # every trial's loss turns to NaN
+    raw["search"]["max_failures"] = 0
+    file.write_text(yaml.safe_dump(raw))
+    proc = start(file, cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert "no trial ended with a result (2 of 2 failed" in out.strip().splitlines()[-1], out[-3000:]
+    assert "2 trials" in out  # the table is still printed
+    assert {r.info.status for r in trial_runs(uri, name)} == {"FAILED"}
+
+
 def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, em_data, mlflow_server) -> None:
     uri, name = mlflow_server.uri, "retry-trial"
     file = write_experiment(tmp_path, em_data, uri, name, samples=1, epochs=8, scheduler="fifo")

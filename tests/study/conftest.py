@@ -7,6 +7,7 @@ one MLflow experiment, so the report test reads back exactly what these runs pro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class TwinRuns:
     zero_shot: dict[str, object] = field(default_factory=dict)  # name -> EvalResult
     trained: dict[str, dict] = field(default_factory=dict)  # name -> run_trial metrics
     workdirs: dict[str, Path] = field(default_factory=dict)
+    logs: dict[str, list[str]] = field(default_factory=dict)  # name -> the lines its commands said
 
 
 @pytest.fixture(scope="package")
@@ -68,16 +70,26 @@ def twin_runs(study_root: Path, mlflow_server) -> TwinRuns:
     fine-tuned row), `segtune train` where the thesis fine-tuned."""
     from segtune.commands import train_one
     from segtune.evaluate import zero_shot
+    from segtune.progress import EVERY_ENV
 
     out = TwinRuns(mlflow_server.uri, EXPERIMENT, study_root)
-    for path in TWINS:
-        cfg = twin_config(path, study_root, mlflow_server.uri)
-        assert cfg.reference is not None
-        if cfg.reference.epochs is None or cfg.name in ZERO_SHOT_TOO:
-            out.zero_shot[cfg.name] = zero_shot(cfg, log=lambda _: None)
-        if cfg.reference.epochs is not None:
-            out.workdirs[cfg.name] = study_root / "train" / cfg.name
-            out.trained[cfg.name] = train_one(cfg, out.workdirs[cfg.name], log=lambda _: None)
+    every = os.environ.get(EVERY_ENV)
+    os.environ[EVERY_ENV] = "0"  # every progress line, so tests can see the counts
+    try:
+        for path in TWINS:
+            cfg = twin_config(path, study_root, mlflow_server.uri)
+            assert cfg.reference is not None
+            log = out.logs.setdefault(cfg.name, []).append
+            if cfg.reference.epochs is None or cfg.name in ZERO_SHOT_TOO:
+                out.zero_shot[cfg.name] = zero_shot(cfg, log=log)
+            if cfg.reference.epochs is not None:
+                out.workdirs[cfg.name] = study_root / "train" / cfg.name
+                out.trained[cfg.name] = train_one(cfg, out.workdirs[cfg.name], log=log)
+    finally:
+        if every is None:
+            os.environ.pop(EVERY_ENV)
+        else:
+            os.environ[EVERY_ENV] = every
     return out
 
 

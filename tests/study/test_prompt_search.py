@@ -71,7 +71,12 @@ def test_search_picks_the_trained_prompt_logs_all_and_writes_it(responsive_clips
     cfg = twin_config(TWIN, twin_runs.root, twin_runs.uri, [
         f"model.checkpoint={responsive_clipseg}", f"prompt_search.output={tmp_path / 'best.yaml'}",
         "tracking.experiment=prompt-search"])
-    outcome = prompt_search(cfg, write=[target], log=lambda _: None)
+    lines: list[str] = []
+    outcome = prompt_search(cfg, write=[target], log=lines.append)
+    # Progress counted per candidate scored (by a Tune callback on the driver).
+    count = len(candidates(cfg.prompt_search))
+    assert any(line.startswith(f"prompt search: scoring candidates: done, {count} prompts in ")
+               for line in lines), lines
 
     assert outcome.best == GOOD
     texts = candidates(cfg.prompt_search)

@@ -61,6 +61,19 @@ def test_amg_run_logs_both_protocols_and_they_match_a_recomputation(twin_runs) -
     assert m["test/iou"] == pytest.approx(np.mean([s["iou"] for s in scores]))
     assert m["test/iou_best_mask"] == pytest.approx(np.mean([s["iou_best_mask"] for s in scores]))
     assert m["test/iou_best_mask"] >= 0.0 and m["test/masks"] >= m["test/masks_inside"]
+    # Long work shows its progress: counted per image, ending with the total.
+    lines = twin_runs.logs["cityscapes_sam_amg_tiny"]
+    assert f"AMG: generating masks: done, {len(ds)} images in 0:00:" in "\n".join(lines)
+    assert any(line.startswith(f"AMG: generating masks: 1/{len(ds)} images") for line in lines)
+
+
+def test_zero_shot_scoring_shows_progress_per_image(twin_runs) -> None:
+    prompted = [name for name, result in twin_runs.zero_shot.items()
+                if "AMG" not in "\n".join(twin_runs.logs[name])]
+    assert prompted
+    for name in prompted:
+        text = "\n".join(twin_runs.logs[name])
+        assert "scoring " in text and ": done, " in text and " images in " in text, name
 
 
 def test_overlays_are_logged_as_pngs_of_three_patch_wide_panels(twin_runs, tmp_path: Path) -> None:
