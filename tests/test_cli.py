@@ -35,6 +35,7 @@ def test_help_lists_every_command_and_each_has_help() -> None:
         sub = cli(name, "--help")
         assert sub.returncode == 0 and "Usage" in sub.stdout, name
     assert "start" in cli("server", "--help").stdout
+    assert "--install-completion" in res.stdout and "--version" in res.stdout
 
 
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path: Path) -> None:
