@@ -56,6 +56,7 @@ def run_demo(files: list[Path], *, tracking_uri: str | None, quick: bool, home: 
     from segtune.console import print_pairs, print_runs
     from segtune.prepare import prepare_data
     from tracking.server import check_server, start_server
+    from tracking.urls import experiment_runs_url
 
     t0 = time.time()
     server = None
@@ -86,8 +87,9 @@ def run_demo(files: list[Path], *, tracking_uri: str | None, quick: bool, home: 
 
     print_pairs(results)
     log(f"finished in {time.time() - t0:.0f} s")
-    exp_id = MlflowClient(tracking_uri).get_experiment_by_name(cfgs[0].tracking.experiment).experiment_id
-    log(f"Browse the runs: {tracking_uri}/#/experiments/{exp_id}")
+    url = experiment_runs_url(tracking_uri, cfgs[0].tracking.experiment)  # its runs, not MLflow 3's GenAI overview
+    if url:
+        log(f"Browse the runs: {url}")
     if server is not None:
         log(server.ui_hint())
         log(f"The server keeps running; stop it with `segtune server stop --home {home}`.")

@@ -1,7 +1,17 @@
-"""Where a run came from: the code version, recorded as `segtune.git_sha` on every run."""
+"""Where a run came from: the code version, who ran it, how, and which prepared store it read.
+
+`segtune.trial.run_tags` puts these on every run, as segtune's own tags (`segtune.git_sha`,
+`segtune.store`, ...) and as MLflow's standard ones (`mlflow.source.git.commit`,
+`mlflow.source.name`, `mlflow.source.type`, `mlflow.user`), which the MLflow UI shows in its
+source and user columns. Ground floor: plain files and subprocesses, no segtune imports.
+"""
 
 from __future__ import annotations
 
+import functools
+import getpass
+import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,3 +26,61 @@ def git_sha(cwd: Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def git_commit(sha: str) -> str | None:
+    """The plain commit of a `git_sha` value (MLflow's `mlflow.source.git.commit`), None if unknown."""
+    commit = sha.removesuffix("-dirty")
+    return commit if commit and commit != "unknown" else None
+
+
+def user() -> str:
+    """Who runs this: the tracking server's user name when one is set (MLFLOW_TRACKING_USERNAME,
+    as MLflow's own clients send it; never the password), else the OS user."""
+    name = os.environ.get("MLFLOW_TRACKING_USERNAME", "").strip()
+    if name:
+        return name
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no passwd entry and no USER (some containers)
+        return "unknown"
+
+
+def source_type() -> str:
+    """MLflow's `mlflow.source.type`: JOB inside a batch job (Slurm), else LOCAL. Sweep trials,
+    which Ray runs as jobs of the sweep, are tagged JOB by whoever opens them."""
+    return "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL"
+
+
+@functools.lru_cache(maxsize=32)
+def _stores(cache_dir: str, dataset: str) -> dict[str, tuple[str, str]]:
+    """hash -> (folder, split counts as JSON) of the prepared stores of `dataset` in `cache_dir`."""
+    found: dict[str, tuple[str, str]] = {}
+    for index in sorted(Path(cache_dir).glob(f"{dataset}-*/index.json")):
+        try:
+            data = json.loads(index.read_text())
+            found[data["hash"]] = (str(index.parent.resolve()),
+                                   json.dumps(data["counts"]["samples"], sort_keys=True))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a store being written, or one of an older format: not the one a run names
+    return found
+
+
+def store_of(cache_dir: str | Path, dataset: str, data_hash: str) -> tuple[str, str] | None:
+    """The prepared store with content hash `data_hash`: (its folder, its samples per split as
+    JSON), or None when no store in `cache_dir` has that hash."""
+    key = (str(Path(cache_dir).resolve()), dataset)
+    hit = _stores(*key).get(data_hash)
+    if hit is None:  # prepared since the last look
+        _stores.cache_clear()
+        hit = _stores(*key).get(data_hash)
+    return hit
+
+
+def store_counts(store: str | Path) -> str | None:
+    """The samples per split of the store in folder `store`, as JSON; None if it cannot be read."""
+    try:
+        return json.dumps(json.loads((Path(store) / "index.json").read_text())["counts"]["samples"],
+                          sort_keys=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

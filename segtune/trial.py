@@ -1,7 +1,8 @@
 """Around one trial: how its MLflow run is opened and tagged, its log file, and how it fails.
 
 Every run segtune opens carries the same provenance tags (`run_tags`): sweep trials, Ray Train
-workers, `segtune train`, evaluations and prompt searches all take them from here. `tracked`
+workers, `segtune train`, evaluations and prompt searches all take them from here (code, user,
+source and the prepared store, from segtune.provenance). `tracked`
 wraps the work of a run, so an error ends it FAILED with the reason on the run.
 No Ray here: the Ray layer passes in what it knows (the node a trial runs on).
 """
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from segtune import provenance
 from segtune.config import ExperimentConfig, flatten
 from segtune.train import Tracker
 from tracking.runs import TrialRun
@@ -37,10 +39,28 @@ class SweepContext:
     spool_dir: str
 
 
-def run_tags(cfg: ExperimentConfig, *, git_sha: str, data_hash: str) -> dict[str, str]:
-    """The tags every segtune run carries: which model, which data, which code."""
-    return {"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
-            "segtune.git_sha": git_sha, "segtune.data_hash": data_hash}
+def run_tags(cfg: ExperimentConfig, *, git_sha: str, data_hash: str, store: str | Path | None = None,
+             source_type: str | None = None) -> dict[str, str]:
+    """The tags every segtune run carries: which model, which data, which code, who and how.
+
+    segtune's own (`segtune.*`) and MLflow's standard ones (`mlflow.source.*`, `mlflow.user`),
+    which fill the UI's source and user columns. The prepared store (`store`, else found in
+    `dataset.cache_dir` by `data_hash`) is named with its split counts; tracking logs it as the
+    run's MLflow dataset input (tracking.lineage).
+    """
+    tags = {"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
+            "segtune.git_sha": git_sha, "segtune.data_hash": data_hash,
+            "mlflow.source.name": f"segtune {cfg.name}", "mlflow.source.type": source_type or provenance.source_type(),
+            "mlflow.user": provenance.user()}
+    commit = provenance.git_commit(git_sha)
+    if commit is not None:
+        tags["mlflow.source.git.commit"] = commit
+    counts = provenance.store_counts(store) if store is not None else None
+    found = (str(store), counts) if counts is not None else provenance.store_of(
+        cfg.dataset.cache_dir, cfg.dataset.name, data_hash)
+    if found is not None:
+        tags["segtune.store"], tags["segtune.data_counts"] = found
+    return tags
 
 
 def trial_client_env() -> None:
@@ -54,7 +74,8 @@ def open_sweep_trial(cfg: ExperimentConfig, sweep: SweepContext, trial_id: str, 
     tracker = TrialRun.open(
         cfg.tracking.uri, cfg.tracking.experiment, sweep_id=sweep.sweep_id, trial_id=trial_id,
         parent_run_id=sweep.parent_run_id, params=flatten(cfg),
-        tags=run_tags(cfg, git_sha=sweep.git_sha, data_hash=sweep.data_hash),
+        # Ray runs a sweep's trials as jobs of the sweep: MLflow's JOB source type.
+        tags=run_tags(cfg, git_sha=sweep.git_sha, data_hash=sweep.data_hash, store=sweep.store, source_type="JOB"),
         spool_dir=Path(sweep.spool_dir),
         name=(f"{cfg.model.key} {cfg.dataset.name} lr={cfg.train.lr:.1e} bs={cfg.train.batch_size} "
               f"ep={cfg.train.epochs} [{trial_id}]"),

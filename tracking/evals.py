@@ -23,7 +23,16 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from tracking.redact import redact, secret_values
-from tracking.runs import KIND, SWEEP_ID, TRIAL_ID, UNREACHABLE, TrialRun, experiment_id, log_params
+from tracking.runs import (
+    KIND,
+    SWEEP_ID,
+    TRIAL_ID,
+    UNREACHABLE,
+    TrialRun,
+    create_run,
+    experiment_id,
+    log_params,
+)
 
 ZERO_SHOT, EVAL, PROMPT_SEARCH = "zero_shot", "eval", "prompt_search"
 SEARCH = "segtune.search"  # "prompt" on a prompt search's runs
@@ -41,8 +50,7 @@ def open_run(uri: str, experiment: str, *, kind: str, run_name: str, params: dic
         all_tags[TRIAL_ID] = trial_id
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    secrets = secret_values()  # as every run's tags: no password from a URI or the environment
-    run_id = client.create_run(exp, tags={k: redact(str(v), secrets) for k, v in all_tags.items()}).info.run_id
+    run_id = create_run(client, exp, all_tags)  # tags redacted there, as every run's
     log_params(client, run_id, params)
     return TrialRun(client, run_id)
 

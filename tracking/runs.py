@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from tracking.artifacts import write_manifest
+from tracking.lineage import EXPERIMENT_KIND, MODEL_TRAINING, log_store_input, mark_experiment
 from tracking.redact import redact, secret_values
 from tracking.spool import append, deliver, logged_steps
 
@@ -43,12 +44,14 @@ def quiet_mlflow() -> None:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if it does not exist."""
+    """The id of experiment `name`, created if it does not exist; either way marked as a
+    model-training experiment (tracking.lineage), so MLflow's UI opens it on its runs."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        mark_experiment(client, exp)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
     except MlflowException as err:
         # Trials starting at once race to create it: the losers read the winner's id.
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -73,6 +76,16 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
 
 
+def create_run(client: MlflowClient, experiment_id_: str, tags: dict[str, Any], run_name: str | None = None) -> str:
+    """Create a run with `tags` (redacted) and log the prepared store they name as its dataset
+    input (tracking.lineage); every run segtune opens is created here. Returns its id."""
+    tags = _tags(tags)
+    run_id = client.create_run(experiment_id_, run_name=run_name, tags=tags).info.run_id
+    training = tags.get(KIND) in ("sweep", "trial", "member")
+    log_store_input(client, run_id, tags, "training" if training else "evaluation")
+    return run_id
+
+
 NOTE = "mlflow.note.content"  # the run description the MLflow UI shows and edits
 
 
@@ -80,10 +93,10 @@ def start_sweep_run(uri: str, experiment: str, sweep_id: str, params: dict[str, 
                     tags: dict[str, str], name: str | None = None, description: str = "") -> str:
     """Open the sweep's parent run (with a name and a description for the UI); return its id."""
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id(client, experiment), run_name=name or f"sweep-{sweep_id}",
-                            tags=_tags({**tags, KIND: "sweep", SWEEP_ID: sweep_id, NOTE: description}))
-    log_params(client, run.info.run_id, params)
-    return run.info.run_id
+    run_id = create_run(client, experiment_id(client, experiment), run_name=name or f"sweep-{sweep_id}",
+                        tags={**tags, KIND: "sweep", SWEEP_ID: sweep_id, NOTE: description})
+    log_params(client, run_id, params)
+    return run_id
 
 
 def find_trial_run(client: MlflowClient, experiment_id_: str, sweep_id: str, trial_id: str) -> str | None:
@@ -121,7 +134,7 @@ class TrialRun:
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if run_id is None:
-            run_id = client.create_run(exp_id, tags=_tags(all_tags)).info.run_id
+            run_id = create_run(client, exp_id, all_tags)
             log_params(client, run_id, params)
             return cls(client, run_id, spool_dir)
         if spool_dir is not None:
