@@ -39,6 +39,43 @@ class DatasetConfig(_Section):
     description_file: str | list[str] | None = None  # qata_cov19: LViT .xlsx text sheets
     test_fraction: float | None = Field(None, gt=0.0, lt=1.0)  # corsican_fire, folder
     split_seed: int | None = None  # corsican_fire, folder: which images are test
+    # Every dataset that reads images (docs/datasets.md, "Intensities and masks"): how values
+    # reach 8 bit, which channel or page of a multi-channel file, what a mask's values mean.
+    intensity: str | dict[str, list[float]] = "auto"  # auto, minmax, {percentile|window: [lo, hi]}
+    channel: int | None = Field(None, ge=0)
+    masks: str | dict[str, list[int]] = "binary"  # binary, instances, {labels: [v, ...]}
+
+    @field_validator("intensity", mode="before")
+    @classmethod
+    def _intensity(cls, v: Any) -> Any:
+        if v in ("auto", "minmax"):
+            return v
+        if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("percentile", "window"):
+            kind, bounds = next(iter(v.items()))
+            if (isinstance(bounds, list | tuple) and len(bounds) == 2
+                    and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+                    and bounds[0] < bounds[1]
+                    and (kind == "window" or (0 <= bounds[0] and bounds[1] <= 100))):
+                return {kind: [float(b) for b in bounds]}
+        raise ValueError(f"{v!r} is not an intensity setting; expected auto (8-bit images as they "
+                         "are), minmax (per image), {percentile: [low, high]} (per image, e.g. "
+                         "[1, 99.8]; 0 <= low < high <= 100) or {window: [low, high]} (fixed, "
+                         "low < high)")
+
+    @field_validator("masks", mode="before")
+    @classmethod
+    def _masks(cls, v: Any) -> Any:
+        if v in ("binary", "instances"):
+            return v
+        if isinstance(v, dict) and list(v) == ["labels"] and isinstance(v["labels"], list | tuple):
+            values = list(v["labels"])
+            if values and len(set(values)) == len(values) and all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in values):
+                return {"labels": sorted(values)}
+        raise ValueError(f"{v!r} is not a mask setting; expected binary (0/255 or 0/1), instances "
+                         "(an instance label map: 0 background, one value per object) or "
+                         "{labels: [v, ...]} (a label map whose listed values, distinct integers "
+                         ">= 0, are foreground)")
 
 
 class ModelConfig(_Section):

@@ -28,6 +28,9 @@ class PromptCollate:
 
     The generator is seeded by (seed, epoch, sample index): training prompts change every
     epoch, evaluation prompts (epoch fixed at 0) are the same in every trial and every run.
+    Samples of a `dataset.masks: instances` store carry `instances`, their objects' label
+    map: prompts are drawn from it (one `k_points` point per object), the 0/1 mask still
+    goes to the loss and the scores.
     """
 
     def __init__(self, strategy: str, seed: int, opts: PromptOptions):
@@ -40,7 +43,11 @@ class PromptCollate:
         for it in items:
             opts = self.opts if self.opts.text else replace(self.opts, text=it.get("text") or None)
             rng = np.random.default_rng([self.seed, self.epoch, it["index"]])
-            prompts.append(self.build(it["mask"][0].numpy(), rng, opts))
+            if "instances" in it:  # an instance label map (segtune.data.store)
+                opts = replace(opts, instances=True)
+                prompts.append(self.build(it["instances"][0].numpy(), rng, opts))
+            else:
+                prompts.append(self.build(it["mask"][0].numpy(), rng, opts))
         batch = {"image": torch.stack([it["image"] for it in items]),
                  "mask": torch.stack([it["mask"] for it in items]),
                  "prompts": stack(prompts),

@@ -1,7 +1,11 @@
 """Prompts from ground-truth masks: points, boxes and text, registered in PROMPTS by YAML name.
 
 A prompt builder takes one mask `(H,W)` (numpy, 0/1), a numpy Generator and `PromptOptions`,
-and returns a `Prompt`. Points are `(x, y)` pixel coordinates with label 1 (foreground), as SAM
+and returns a `Prompt`. For a store prepared with `dataset.masks: instances` the mask is the
+sample's instance label map instead (0 background, 1..n one value per object) and
+`PromptOptions.instances` is true: every builder treats any value > 0 as foreground, and
+`k_points` places its points on the objects, not on connected components (which merge
+touching objects). Points are `(x, y)` pixel coordinates with label 1 (foreground), as SAM
 expects. Randomness comes only from the generator, so eval prompts are reproducible from a seed.
 
 Empty masks: point and box prompts need foreground, so `needs_foreground(name)` is true for
@@ -35,6 +39,7 @@ class PromptOptions:
     text: str | None = None  # the YAML's fixed text, else the sample's own (class name, description)
     k: int = 3
     box_jitter: int = 20
+    instances: bool = False  # the mask is an instance label map (see the module docstring)
 
 
 def _fg(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,14 +70,24 @@ def center_point(mask: np.ndarray, rng: np.random.Generator, opts: PromptOptions
 
 
 def k_points(mask: np.ndarray, rng: np.random.Generator, opts: PromptOptions) -> Prompt:
-    """`k` foreground points: one per connected component first (largest first), then at random."""
+    """`k` foreground points: one per object first (largest first), then at random.
+
+    The objects are the instance labels when `opts.instances` (the mask is a label map),
+    else the connected components of the mask.
+    """
     ys, xs = _fg(mask)
-    labels, n = ndimage.label(mask > 0)
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    if opts.instances:
+        ids, flat = np.unique(mask[ys, xs], return_inverse=True)
+        sizes = np.bincount(flat.ravel(), minlength=len(ids))
+        order = np.argsort(-sizes, kind="stable")  # equal sizes: the lower label first
+    else:
+        labels, n = ndimage.label(mask > 0)
+        flat = labels[ys, xs] - 1
+        sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+        order = np.argsort(-sizes)
     chosen: list[int] = []
-    flat = labels[ys, xs]
-    for comp in (np.argsort(-sizes) + 1)[: opts.k]:
-        members = np.flatnonzero(flat == comp)
+    for obj in order[: opts.k]:
+        members = np.flatnonzero(flat == obj)
         chosen.append(int(rng.choice(members)))
     while len(chosen) < opts.k:
         chosen.append(int(rng.integers(len(xs))))

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from segtune.data.raw import DataProblems, RawDataset, RawItem, Target
-from segtune.data.registry import DATASETS, OPTION_FIELDS, SYNTH, TWINS, carries_text, check_dataset
+from segtune.data.registry import (
+    DATASETS,
+    OPTION_DEFAULTS,
+    OPTION_FIELDS,
+    SYNTH,
+    TWINS,
+    carries_text,
+    check_dataset,
+)
 from segtune.data.store import SegDataset, Store, open_store, prepare_store
 from segtune.data.synthetic import synth_em
 from segtune.data.synthetic_layouts import synth_cityscapes, synth_fire, synth_folder, synth_qata
@@ -40,9 +48,11 @@ def synthesize(name: str, out: Path, seed: int = 0) -> str:
 
 
 def dataset_options(config: Any) -> dict[str, Any]:
-    """The dataset options set in a ``DatasetConfig`` (the fields of OPTION_FIELDS not None)."""
-    return {name: getattr(config, name) for name in OPTION_FIELDS
-            if getattr(config, name, None) is not None}
+    """The dataset options set in a ``DatasetConfig``: the fields of OPTION_FIELDS that are
+    not None and not at their default (``intensity: auto``, ``masks: binary``)."""
+    options = {name: getattr(config, name, None) for name in OPTION_FIELDS}
+    return {name: value for name, value in options.items()
+            if value is not None and value != OPTION_DEFAULTS.get(name)}
 
 
 __all__ = ["DATASETS", "OPTION_FIELDS", "SYNTH", "TWINS", "DataProblems", "RawDataset",

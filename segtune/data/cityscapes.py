@@ -31,10 +31,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as LABELS
 
+from segtune.data.modes import ReadOptions, read_options
 from segtune.data.raw import DataProblems, RawDataset, RawItem, Target
 from segtune.data.readers import check_same_size, missing_folder, pair_up, read_image, read_labels
 from segtune.errors import ConfigError, DataError
@@ -66,10 +68,15 @@ def class_ids(classes: Sequence[str] | None) -> dict[str, int]:
     return {name: _LABEL_IDS[name] for name in names}
 
 
-def build(root: Path, *, classes: Sequence[str] | None = None) -> RawDataset:
-    """Registry builder: pair every image with its labelIds file, without decoding."""
+def build(root: Path, *, classes: Sequence[str] | None = None, intensity: Any = "auto",
+          channel: int | None = None) -> RawDataset:
+    """Registry builder: pair every image with its labelIds file, without decoding.
+
+    There is no ``masks`` option: the masks are the label ids that ``classes`` names.
+    """
     root = Path(root)
     ids = class_ids(classes)
+    reading = read_options(intensity, "binary", channel)
     problems: list[str] = []
     entries: dict[str, tuple[tuple[Path, Path], ...]] = {}
     files: list[Path] = []
@@ -96,17 +103,18 @@ def build(root: Path, *, classes: Sequence[str] | None = None) -> RawDataset:
         entries[split] = tuple((image, mask) for _, image, mask in pairs)
         files += [path for pair in entries[split] for path in pair]
     return RawDataset(root=root, files=tuple(files), entries=entries,
-                      read=partial(_read, root, ids), channels=3, fit="resize",
-                      classes=tuple(ids), problems=tuple(problems))
+                      read=partial(_read, root, ids, reading), channels=3, fit="resize",
+                      classes=tuple(ids), problems=tuple(problems), reading=reading)
 
 
-def _read(root: Path, ids: dict[str, int], entry: tuple[Path, Path]) -> list[RawItem]:
+def _read(root: Path, ids: dict[str, int], reading: ReadOptions,
+          entry: tuple[Path, Path]) -> list[RawItem]:
     """One image with a target per chosen class present in its label map."""
     image_path, label_path = entry
     problems: list[str] = []
     image = labels = None
     try:
-        image = read_image(image_path, 3)
+        image = read_image(image_path, 3, reading)
     except DataError as err:
         problems.append(str(err))
     try:

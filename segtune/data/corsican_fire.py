@@ -26,17 +26,22 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-from segtune.data.raw import RawDataset, RawItem, Target
+from segtune.data.modes import ReadOptions, read_options
+from segtune.data.raw import RawDataset, RawItem
 from segtune.data.readers import pair_up, read_pair, split_by_seed
 
 CLASS = "fire"
 IMAGE_SUFFIX, MASK_SUFFIX = "_rgb.png", "_gt.png"
 
 
-def build(root: Path, *, test_fraction: float = 0.2, split_seed: int = 0) -> RawDataset:
+def build(root: Path, *, test_fraction: float = 0.2, split_seed: int = 0,
+          intensity: Any = "auto", masks: Any = "binary", channel: int | None = None
+          ) -> RawDataset:
     """Registry builder: find every ``NNN_rgb.png``/``NNN_gt.png`` pair under ``root``."""
     root = Path(root)
+    reading = read_options(intensity, masks, channel)
     problems: list[str] = []
     if not root.is_dir():
         problems.append(f"{root}: no such folder; expected the Corsican Fire Database with "
@@ -62,16 +67,17 @@ def build(root: Path, *, test_fraction: float = 0.2, split_seed: int = 0) -> Raw
     entries = {"train": tuple((i, m) for key, i, m in pairs if key not in test),
                "test": tuple((i, m) for key, i, m in pairs if key in test)}
     files = tuple(path for _, image, mask in pairs for path in (image, mask))
-    return RawDataset(root=root, files=files, entries=entries, read=partial(_read, root),
-                      channels=3, fit="tile", classes=(CLASS,), problems=tuple(problems))
+    return RawDataset(root=root, files=files, entries=entries,
+                      read=partial(_read, root, reading), channels=3, fit="tile",
+                      classes=(CLASS,), problems=tuple(problems), reading=reading)
 
 
 def _key(root: Path, path: Path, suffix: str) -> str:
     return path.relative_to(root).as_posix()[:-len(suffix)]
 
 
-def _read(root: Path, entry: tuple[Path, Path]) -> list[RawItem]:
+def _read(root: Path, reading: ReadOptions, entry: tuple[Path, Path]) -> list[RawItem]:
     image_path, mask_path = entry
-    image, mask = read_pair(image_path, mask_path, 3, CLASS)
-    return [RawItem(image=image, targets=(Target(CLASS, "", mask),),
+    image, target = read_pair(image_path, mask_path, 3, CLASS, reading=reading)
+    return [RawItem(image=image, targets=(target,),
                     source=image_path.relative_to(root).as_posix())]

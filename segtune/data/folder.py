@@ -2,13 +2,16 @@
 
 Source: your own data. Point ``dataset.root`` at a folder holding::
 
-    images/<name>.png|jpg|jpeg|tif|tiff|bmp     8-bit grey or RGB
-    masks/<name>.png|tif|tiff|bmp|...           same stem, same size; 0/255 or 0/1
+    images/<name>.png|jpg|jpeg|tif|tiff|bmp     grey or RGB; 16-bit/float with dataset.intensity
+    masks/<name>.png|tif|tiff|bmp|...           same stem, same size; 0/255 or 0/1, or a label
+                                                map with dataset.masks (instances, labels)
 
 Images and masks are matched by file stem (``images/a.jpg`` with ``masks/a.png``). Masks may
 be grey or black-and-white RGB; lossy JPEG masks fail the value check, which says so. If any
 image is in colour the dataset is stored as RGB (grey images repeated to three channels),
-otherwise as grey.
+otherwise as grey. Multi-page and multi-channel TIFFs need ``dataset.channel`` (the page or
+channel to read, from 0); ``intensity``, ``masks`` and ``channel`` are described in
+:mod:`segtune.data.modes`.
 
 There is no given split, so the images are split deterministically: the sorted stems are
 shuffled with ``split_seed`` (default 0) and ``test_fraction`` (default 0.2) of them form
@@ -24,20 +27,29 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-from PIL import Image
-
-from segtune.data.raw import RawDataset, RawItem, Target
-from segtune.data.readers import image_files, missing_folder, pair_up, read_pair, split_by_seed
+from segtune.data.modes import ReadOptions, read_options
+from segtune.data.raw import RawDataset, RawItem
+from segtune.data.readers import (
+    image_files,
+    is_colour,
+    missing_folder,
+    pair_up,
+    read_pair,
+    split_by_seed,
+)
 
 CLASS = "foreground"
 IMAGES, MASKS = "images", "masks"
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
-def build(root: Path, *, test_fraction: float = 0.2, split_seed: int = 0) -> RawDataset:
+def build(root: Path, *, test_fraction: float = 0.2, split_seed: int = 0,
+          intensity: Any = "auto", masks: Any = "binary", channel: int | None = None
+          ) -> RawDataset:
     """Registry builder: pair ``images/`` and ``masks/`` by stem and split by seed."""
     root = Path(root)
+    reading = read_options(intensity, masks, channel)
     problems: list[str] = []
     by_stem: dict[str, dict[str, Path]] = {}
     for folder in (IMAGES, MASKS):
@@ -64,24 +76,16 @@ def build(root: Path, *, test_fraction: float = 0.2, split_seed: int = 0) -> Raw
         if pairs else set()
     entries = {"train": tuple((i, m) for key, i, m in pairs if key not in test),
                "test": tuple((i, m) for key, i, m in pairs if key in test)}
-    channels = 3 if any(_is_colour(image) for _, image, _ in pairs) else 1
+    channels = 3 if any(is_colour(image, reading) for _, image, _ in pairs) else 1
     files = tuple(path for _, image, mask in pairs for path in (image, mask))
     return RawDataset(root=root, files=files, entries=entries,
-                      read=partial(_read, root, channels), channels=channels, fit="tile",
-                      classes=(CLASS,), problems=tuple(problems))
+                      read=partial(_read, root, channels, reading), channels=channels,
+                      fit="tile", classes=(CLASS,), problems=tuple(problems), reading=reading)
 
 
-def _is_colour(path: Path) -> bool:
-    """Whether an image file is colour, from its header only (nothing is decoded)."""
-    try:
-        with Image.open(path) as handle:
-            return handle.mode not in _GREY_MODES
-    except Exception:  # unreadable files are reported when they are read
-        return False
-
-
-def _read(root: Path, channels: int, entry: tuple[Path, Path]) -> list[RawItem]:
+def _read(root: Path, channels: int, reading: ReadOptions,
+          entry: tuple[Path, Path]) -> list[RawItem]:
     image_path, mask_path = entry
-    image, mask = read_pair(image_path, mask_path, channels, CLASS)
-    return [RawItem(image=image, targets=(Target(CLASS, "", mask),),
+    image, target = read_pair(image_path, mask_path, channels, CLASS, reading=reading)
+    return [RawItem(image=image, targets=(target,),
                     source=image_path.relative_to(root).as_posix())]

@@ -30,8 +30,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-from segtune.data.raw import RawDataset, RawItem, Target
+from segtune.data.modes import ReadOptions, read_options
+from segtune.data.raw import RawDataset, RawItem
 from segtune.data.readers import image_files, missing_folder, pair_up, read_pair
 
 CLASS = "infection"
@@ -40,9 +42,12 @@ SPLITS = {"Train Set": "train", "Test Set": "test"}
 IMAGES, MASKS, PREFIX = "Images", "Ground-truths", "mask_"
 
 
-def build(root: Path, *, description_file: str | Sequence[str] | None = None) -> RawDataset:
+def build(root: Path, *, description_file: str | Sequence[str] | None = None,
+          intensity: Any = "auto", masks: Any = "binary", channel: int | None = None
+          ) -> RawDataset:
     """Registry builder: pair images with their ``mask_`` files and read the descriptions."""
     root = Path(root)
+    reading = read_options(intensity, masks, channel)
     problems: list[str] = []
     entries: dict[str, tuple[tuple[Path, Path], ...]] = {}
     for folder, split in SPLITS.items():
@@ -83,8 +88,8 @@ def build(root: Path, *, description_file: str | Sequence[str] | None = None) ->
                                 f"row in {', '.join(map(str, sheets))} ({shown}); expected a "
                                 f"Description for every image, matched by the Image column.")
     return RawDataset(root=root, files=tuple(files), entries=entries,
-                      read=partial(_read, root, texts or {}), channels=1, fit="resize",
-                      classes=(CLASS,), problems=tuple(problems))
+                      read=partial(_read, root, texts or {}, reading), channels=1,
+                      fit="resize", classes=(CLASS,), problems=tuple(problems), reading=reading)
 
 
 def read_descriptions(sheets: Sequence[Path], problems: list[str]) -> dict[str, str]:
@@ -124,9 +129,11 @@ def _lookup(texts: Mapping[str, str], image: Path) -> str | None:
     return None
 
 
-def _read(root: Path, texts: Mapping[str, str], entry: tuple[Path, Path]) -> list[RawItem]:
+def _read(root: Path, texts: Mapping[str, str], reading: ReadOptions,
+          entry: tuple[Path, Path]) -> list[RawItem]:
     image_path, mask_path = entry
-    image, mask = read_pair(image_path, mask_path, 1, "infected region")
-    text = _lookup(texts, image_path) or ""
-    return [RawItem(image=image, targets=(Target(CLASS, text, mask),),
+    image, target = read_pair(image_path, mask_path, 1, CLASS,
+                              text=_lookup(texts, image_path) or "", what="infected region",
+                              reading=reading)
+    return [RawItem(image=image, targets=(target,),
                     source=image_path.relative_to(root).as_posix())]

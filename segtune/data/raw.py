@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segtune.data.modes import DEFAULT, ReadOptions, relabel
 from segtune.errors import ConfigError, DataError
+from segtune.progress import progress
 
 #: The splits a dataset provides; ``val`` is held out of ``train`` by the store.
 RAW_SPLITS = ("train", "test")
@@ -48,11 +50,18 @@ class DataProblems(DataError):
 
 @dataclass(frozen=True)
 class Target:
-    """One binary target of an image: class name, text prompt ("" if none), 0/1 mask."""
+    """One binary target of an image: class name, text prompt ("" if none), 0/1 mask.
+
+    With ``dataset.masks: instances`` it also holds the instance label map (0 background,
+    one value per object); with ``labels`` the values its label map holds, so the scan can
+    tell a listed value that no mask has.
+    """
 
     name: str
     text: str
     mask: np.ndarray  # (H, W) uint8 in {0, 1}
+    instances: np.ndarray | None = None  # (H, W) integer labels, 0 background
+    values: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,9 @@ class RawDataset:
 
     ``files`` key the store (name, size, mtime), so a builder lists every file it reads.
     ``entries`` maps ``train`` and ``test`` to whatever ``read`` takes. ``channels`` (1 or 3)
-    is what ``read`` returns; ``fit`` the dataset's default way to reach ``patch_size``.
+    is what ``read`` returns; ``fit`` the dataset's default way to reach ``patch_size``;
+    ``reading`` the settings its reads apply (the store keeps instance maps when
+    ``reading.instances``).
     """
 
     root: Path
@@ -82,6 +93,7 @@ class RawDataset:
     fit: str = "tile"
     classes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
+    reading: ReadOptions = DEFAULT  # dataset.intensity, masks, channel, as ``read`` applies them
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class Patch:
     x: int
     image: np.ndarray  # (P, P, C)
     masks: list[np.ndarray]  # one (P, P) per target of the item
+    instances: list[np.ndarray | None] = field(default_factory=list)  # aligned with masks
 
 
 @dataclass
@@ -103,16 +116,23 @@ class ScanCounts:
     dropped_empty: Counter[str] = field(default_factory=Counter)
     too_small: Counter[str] = field(default_factory=Counter)
     classes: Counter[str] = field(default_factory=Counter)
+    instances: Counter[str] | None = None  # objects in kept samples (dataset.masks instances)
 
     def summary(self) -> dict[str, Any]:
         """Plain dicts, as index.json and ``data check --json`` show them."""
-        return {"items": {s: self.items[s] for s in RAW_SPLITS},
-                "samples": {s: self.samples[s] for s in RAW_SPLITS},
-                "dropped_empty": {s: self.dropped_empty[s] for s in RAW_SPLITS},
-                "classes": dict(sorted(self.classes.items()))}
+        out = {"items": {s: self.items[s] for s in RAW_SPLITS},
+               "samples": {s: self.samples[s] for s in RAW_SPLITS},
+               "dropped_empty": {s: self.dropped_empty[s] for s in RAW_SPLITS},
+               "classes": dict(sorted(self.classes.items()))}
+        if self.instances is not None:
+            out["instances"] = {s: self.instances[s] for s in RAW_SPLITS}
+        return out
 
 
-Sink = Callable[[str, RawItem, Patch, list[tuple[Target, np.ndarray]]], None]
+#: A kept sample of a patch: its target, 0/1 mask and (masks: instances) its objects
+#: renumbered 1..n as uint16, else None.
+Kept = tuple[Target, np.ndarray, "np.ndarray | None"]
+Sink = Callable[[str, RawItem, Patch, list[Kept]], None]
 
 
 def cut(item: RawItem, size: int, fit: str) -> Iterator[Patch]:
@@ -123,14 +143,20 @@ def cut(item: RawItem, size: int, fit: str) -> Iterator[Patch]:
     """
     image = item.image if item.image.ndim == 3 else item.image[..., None]
     if fit == "resize":
+        nearest = Image.Resampling.NEAREST
         yield Patch(0, 0, _resize(image, size, Image.Resampling.BILINEAR),
-                    [_resize(t.mask, size, Image.Resampling.NEAREST) for t in item.targets])
+                    [_resize(t.mask, size, nearest) for t in item.targets],
+                    [None if t.instances is None else
+                     _resize(t.instances.astype(np.int32), size, nearest)
+                     for t in item.targets])
         return
     height, width = image.shape[:2]
     for y in range(0, height - size + 1, size):
         for x in range(0, width - size + 1, size):
             yield Patch(y, x, image[y:y + size, x:x + size],
-                        [t.mask[y:y + size, x:x + size] for t in item.targets])
+                        [t.mask[y:y + size, x:x + size] for t in item.targets],
+                        [None if t.instances is None else t.instances[y:y + size, x:x + size]
+                         for t in item.targets])
 
 
 def _resize(array: np.ndarray, size: int, method: Image.Resampling) -> np.ndarray:
@@ -146,44 +172,40 @@ def scan(name: str, raw: RawDataset, *, patch_size: int, fit: str, drop_empty: b
          say: Callable[[str], None] = lambda line: None) -> ScanCounts:
     """Read every entry, cut and filter its items, and feed kept patches to ``sink``.
 
-    Raises :class:`DataProblems` with every problem found — including a split left without
-    samples — after reading everything, headed "N problems {where}".
+    Each split's reading shows a progress bar (counts and an ETA) on a terminal, or a plain
+    line through ``say`` every few seconds otherwise. Raises :class:`DataProblems` with every
+    problem found — including a split left without samples, or a foreground label value
+    (``dataset.masks: {labels: [...]}``) that no mask holds — after reading everything,
+    headed "N problems {where}".
     """
     if fit not in FITS:
         raise ConfigError(f"dataset.fit must be one of {', '.join(FITS)}, got {fit!r}.")
     problems = list(raw.problems)
     counts = ScanCounts()
+    seen: set[int] = set()
     for split in RAW_SPLITS:
         entries = raw.entries.get(split, ())
         say(f"reading the {split} split of {name} from {raw.root} ({len(entries)} "
             f"{'entry' if len(entries) == 1 else 'entries'})")
         failed = 0
-        for done, entry in enumerate(entries):
-            if done and done % 500 == 0:  # real datasets take minutes; show it is moving
-                say(f"  {split}: {done} of {len(entries)} read")
-            try:
-                items = raw.read(entry)
-            except DataProblems as err:
-                problems += err.problems
-                failed += 1
-                continue
-            except DataError as err:
-                problems.append(str(err))
-                failed += 1
-                continue
-            for item in items:
-                counts.items[split] += 1
-                tiles = 0
-                for patch in cut(item, patch_size, fit):
-                    tiles += 1
-                    kept = [(target, mask) for target, mask in zip(item.targets, patch.masks, strict=True)
-                            if not drop_empty or mask.any()]
-                    counts.dropped_empty[split] += len(item.targets) - len(kept)
-                    counts.samples[split] += len(kept)
-                    counts.classes.update(target.name for target, _ in kept)
-                    if kept and sink is not None and not problems:
-                        sink(split, item, patch, kept)
-                counts.too_small[split] += int(tiles == 0)
+        with progress(f"{name} {split}", len(entries), unit="files", line=say) as bar:
+            for entry in entries:
+                try:
+                    items = raw.read(entry)
+                except DataProblems as err:
+                    problems += err.problems
+                    failed += 1
+                    continue
+                except DataError as err:
+                    problems.append(str(err))
+                    failed += 1
+                    continue
+                finally:
+                    bar.advance()
+                for item in items:
+                    seen.update(*(target.values for target in item.targets))
+                    _cut_item(split, item, patch_size, fit, drop_empty, counts,
+                              sink if not problems else None)
         say(f"{split}: {counts.items[split]} images, {counts.samples[split]} samples kept, "
             f"{counts.dropped_empty[split]} dropped as empty"
             + (f", {failed} with problems" if failed else ""))
@@ -191,10 +213,43 @@ def scan(name: str, raw: RawDataset, *, patch_size: int, fit: str, drop_empty: b
         # said why (a missing folder, unreadable files).
         if counts.samples[split] == 0 and not failed and (entries or not raw.problems):
             problems.append(_empty_problem(raw, split, counts, patch_size, fit, drop_empty))
+    absent = sorted(set(raw.reading.labels) - seen)
+    if absent and counts.items["train"] + counts.items["test"]:
+        shown = sorted(seen)[:12]
+        problems.append(f"{raw.root}: dataset.masks lists the label value"
+                        f"{'s' if len(absent) > 1 else ''} {absent}, which no mask holds; the "
+                        f"masks hold {shown}{'...' if len(seen) > 12 else ''}. Expected "
+                        f"{{labels: [v, ...]}} to list values of the label maps.")
     if problems:
         count = len(problems)
         raise DataProblems(problems, f"{count} problem{'' if count == 1 else 's'} {where}")
     return counts
+
+
+def _cut_item(split: str, item: RawItem, size: int, fit: str, drop_empty: bool,
+              counts: ScanCounts, sink: Sink | None) -> None:
+    """Cut one item into patches, count and filter its samples, hand kept ones to ``sink``."""
+    counts.items[split] += 1
+    tiles = 0
+    for patch in cut(item, size, fit):
+        tiles += 1
+        kept: list[Kept] = []
+        for i, (target, mask) in enumerate(zip(item.targets, patch.masks, strict=True)):
+            if drop_empty and not mask.any():
+                continue
+            objects = None
+            if target.instances is not None:
+                objects, n = relabel(patch.instances[i])
+                if counts.instances is None:
+                    counts.instances = Counter()
+                counts.instances[split] += n
+            kept.append((target, mask, objects))
+        counts.dropped_empty[split] += len(item.targets) - len(kept)
+        counts.samples[split] += len(kept)
+        counts.classes.update(target.name for target, _, _ in kept)
+        if kept and sink is not None:
+            sink(split, item, patch, kept)
+    counts.too_small[split] += int(tiles == 0)
 
 
 def _empty_problem(raw: RawDataset, split: str, counts: ScanCounts, size: int, fit: str,

@@ -33,7 +33,14 @@ TWINS = {"synthetic_cityscapes": "cityscapes", "synthetic_fire": "corsican_fire"
          "synthetic_em": "lucchi_em", "synthetic_qata": "qata_cov19",
          "synthetic_folder": "folder"}
 #: DatasetConfig fields that are dataset options (builder keyword arguments) when set.
-OPTION_FIELDS = ("classes", "description_file", "test_fraction", "split_seed")
+OPTION_FIELDS = ("classes", "description_file", "test_fraction", "split_seed", "intensity",
+                 "masks", "channel")
+#: Options whose default is spelled out in DatasetConfig: left out of the options (and so of
+#: the store's key) at their default, so stores prepared before they existed are reused.
+OPTION_DEFAULTS = {"intensity": "auto", "masks": "binary"}
+#: Why a dataset has no such option, where that is worth saying.
+_NO_OPTION = {("cityscapes", "masks"): "its masks are the label ids of the classes named by "
+                                       "dataset.classes, one binary target per class"}
 
 
 def _twin(real: str) -> Callable[..., RawDataset]:
@@ -92,9 +99,10 @@ def resolve(name: str, root: Path, options: Mapping[str, Any] | None = None) -> 
                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options or {}) - set(accepted))
     if unknown:
+        why = _NO_OPTION.get((TWINS.get(name, name), unknown[0]))
         raise ConfigError(f"dataset.{unknown[0]}: the {name} dataset has no option "
-                          f"{', '.join(unknown)}; its options are "
-                          f"{', '.join(accepted) if accepted else 'none'}.")
+                          f"{', '.join(unknown)}" + (f" ({why})" if why else "") + "; its "
+                          f"options are {', '.join(accepted) if accepted else 'none'}.")
     return builder(Path(root), **dict(options or {}))
 
 

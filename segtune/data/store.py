@@ -6,13 +6,16 @@
 foreground, holds out a seeded fraction of the training images as ``val`` and writes::
 
     <cache_dir>/<name>-<key12>/
-        images.npy   (M, P, P, C) uint8, C = 1 (grey) or 3 (RGB): one row per patch of image
-        masks.npy    (N, P, P) uint8, 0/1: one row per sample
-        index.json   samples, per-split index lists, counts, parameters, content hash
+        images.npy     (M, P, P, C) uint8, C = 1 (grey) or 3 (RGB): one row per patch of image
+        masks.npy      (N, P, P) uint8, 0/1: one row per sample
+        instances.npy  (N, P, P) uint16, only with ``dataset.masks: instances``: each sample's
+                       objects renumbered 1..n within its patch (0 background)
+        index.json     samples, per-split index lists, counts, parameters, content hash
 
 A sample is one (image patch, target) pair, so a Cityscapes patch with five classes present
 is stored once in ``images.npy`` and five times in ``masks.npy``; each sample records its
-split, source file, slice, tile position, image row, class and text.
+split, source file, slice, tile position, image row, class and text (and, with
+``masks: instances``, its number of objects ``instances``).
 
 ``key12`` hashes the dataset name, the raw files' names, sizes and mtimes and the parameters,
 so preparing again with the same inputs reuses the folder without decoding anything.
@@ -36,13 +39,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segtune.data.raw import Patch, RawDataset, RawItem, Target, scan
+from segtune.data.raw import Kept, Patch, RawDataset, RawItem, scan
 from segtune.data.registry import resolve
 from segtune.errors import DataError
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 _FILES = ("images.npy", "masks.npy", "index.json")
+INSTANCES = "instances.npy"
 
 
 def prepare_store(
@@ -123,22 +127,23 @@ class _Appender:
     (``GROWTH_AXIS_MAX_DIGITS``), so the data never has to be held in memory or copied.
     """
 
-    def __init__(self, path: Path, row_shape: tuple[int, ...]) -> None:
+    def __init__(self, path: Path, row_shape: tuple[int, ...], dtype: str = "|u1") -> None:
         self.path, self.row_shape, self.count = path, row_shape, 0
+        self.dtype = np.dtype(dtype)
         self.file: BinaryIO = open(path, "wb")  # noqa: SIM115 — closed by close()
         self._header()
         self.offset = self.file.tell()
 
     def _header(self) -> None:
         np.lib.format.write_array_header_1_0(
-            self.file, {"descr": "|u1", "fortran_order": False,
+            self.file, {"descr": self.dtype.str, "fortran_order": False,
                         "shape": (self.count, *self.row_shape)})
 
     def append(self, row: np.ndarray) -> int:
         """Write one row; returns its index."""
-        if row.shape != self.row_shape or row.dtype != np.uint8:
+        if row.shape != self.row_shape or row.dtype != self.dtype:
             raise ValueError(f"{self.path.name}: row of {row.dtype} {row.shape}, expected "
-                             f"uint8 {self.row_shape}")
+                             f"{self.dtype} {self.row_shape}")
         self.file.write(np.ascontiguousarray(row).data)
         self.count += 1
         return self.count - 1
@@ -155,31 +160,40 @@ class _Appender:
 
 
 class _Writer:
-    """The scan's sink: each kept patch's image once, then one mask and record per target."""
+    """The scan's sink: each kept patch's image once, then one mask and record per target
+    (and its instance map, with ``masks: instances``)."""
 
-    def __init__(self, out: Path, size: int, channels: int) -> None:
+    def __init__(self, out: Path, size: int, channels: int, instances: bool) -> None:
         self.images = _Appender(out / "images.npy", (size, size, channels))
         self.masks = _Appender(out / "masks.npy", (size, size))
+        self.instances = _Appender(out / INSTANCES, (size, size), "<u2") if instances else None
         self.samples: list[dict[str, Any]] = []
 
-    def __call__(self, split: str, item: RawItem, patch: Patch,
-                 kept: list[tuple[Target, np.ndarray]]) -> None:
+    def __call__(self, split: str, item: RawItem, patch: Patch, kept: list[Kept]) -> None:
         row = self.images.append(patch.image)
-        for target, mask in kept:
+        for target, mask, objects in kept:
             self.masks.append(mask)
-            self.samples.append({"split": split, "source": item.source, "slice": item.slice,
-                                 "y": patch.y, "x": patch.x, "image": row,
-                                 "class": target.name, "text": target.text})
+            sample = {"split": split, "source": item.source, "slice": item.slice,
+                      "y": patch.y, "x": patch.x, "image": row,
+                      "class": target.name, "text": target.text}
+            if self.instances is not None:
+                if objects is None:
+                    objects = np.zeros(mask.shape, np.uint16)
+                self.instances.append(objects)
+                sample["instances"] = int(objects.max())
+            self.samples.append(sample)
 
     def close(self) -> None:
         self.images.close()
         self.masks.close()
+        if self.instances is not None:
+            self.instances.close()
 
 
 def _build(name: str, raw: RawDataset, params: dict[str, Any], out: Path,
            say: Callable[[str], None]) -> None:
-    """Validate, cut, filter and split the dataset, then write the three store files."""
-    writer = _Writer(out, params["patch_size"], raw.channels)
+    """Validate, cut, filter and split the dataset, then write the store files."""
+    writer = _Writer(out, params["patch_size"], raw.channels, raw.reading.instances)
     try:
         counts = scan(name, raw, patch_size=params["patch_size"], fit=params["fit"],
                       drop_empty=params["drop_empty"], sink=writer, say=say,
@@ -199,29 +213,39 @@ def _build(name: str, raw: RawDataset, params: dict[str, Any], out: Path,
             sample["split"] = "val"
     splits = {split: [i for i, s in enumerate(samples) if s["split"] == split] for split in SPLITS}
 
-    images = np.load(out / "images.npy", mmap_mode="r")
-    masks = np.load(out / "masks.npy", mmap_mode="r")
+    arrays = _arrays(out)
     index: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "dataset": name,
         "params": params,
         "channels": raw.channels,
         "counts": {"samples": {split: len(ids) for split, ids in splits.items()},
-                   "images": len(images),
+                   "images": len(arrays[0]),
                    "dropped_empty": counts.summary()["dropped_empty"],
                    "classes": counts.summary()["classes"]},
         "splits": splits,
         "samples": samples,
     }
-    index["hash"] = _content_hash(images, masks, index)
-    del images, masks
+    if raw.reading.instances:  # objects per split, and the most in one sample
+        index["counts"]["instances"] = {
+            **{split: sum(samples[i]["instances"] for i in ids) for split, ids in splits.items()},
+            "max_per_sample": max((s["instances"] for s in samples), default=0)}
+    index["hash"] = _content_hash(arrays, index)
+    del arrays
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
-def _content_hash(images: np.ndarray, masks: np.ndarray, index: dict[str, Any]) -> str:
-    """sha256 over image bytes, mask bytes and the canonical index JSON (without ``hash``)."""
+def _arrays(path: Path) -> list[np.ndarray]:
+    """The store's arrays, memory-mapped: images, masks and (if kept) instances."""
+    names = _FILES[:2] + ((INSTANCES,) if (path / INSTANCES).is_file() else ())
+    return [np.load(path / name, mmap_mode="r") for name in names]
+
+
+def _content_hash(arrays: Sequence[np.ndarray], index: dict[str, Any]) -> str:
+    """sha256 over the arrays' bytes (images, masks, instances if kept) and the canonical
+    index JSON (without ``hash``)."""
     digest = hashlib.sha256()
-    for array in (images, masks):
+    for array in arrays:
         flat = array.reshape(len(array), -1)
         for start in range(0, len(flat), 1024):  # chunks keep memory flat for memmaps
             digest.update(np.ascontiguousarray(flat[start:start + 1024]).data)
@@ -234,6 +258,9 @@ class SegDataset(Dataset):
     """One split of a store; each item is a dict::
 
         {"image": uint8 (C,P,P), "mask": float32 (1,P,P) in {0,1}, "index": int, "text": str}
+
+    plus, in a store prepared with ``dataset.masks: instances``, ``"instances"``: int32
+    (1,P,P), the sample's objects numbered 1..n (0 background), which point prompts use.
 
     ``index`` is the sample's position in the whole store (stable across runs, used to seed
     its prompts); ``text`` is its text prompt — a Cityscapes class name, a QaTa-COV19
@@ -248,6 +275,7 @@ class SegDataset(Dataset):
         self.split = split
         self._images: np.ndarray | None = None
         self._masks: np.ndarray | None = None
+        self._instances: np.ndarray | None = None
         self._rows: np.ndarray | None = None
         self._texts: list[str] | None = None
 
@@ -257,6 +285,8 @@ class SegDataset(Dataset):
     def _open(self) -> None:
         self._images = np.load(self.path / "images.npy", mmap_mode="r")
         self._masks = np.load(self.path / "masks.npy", mmap_mode="r")
+        if (self.path / INSTANCES).is_file():
+            self._instances = np.load(self.path / INSTANCES, mmap_mode="r")
         samples = json.loads((self.path / "index.json").read_text())["samples"]
         self._rows = np.array([s["image"] for s in samples], dtype=np.int64)
         self._texts = [s["text"] for s in samples]
@@ -271,7 +301,10 @@ class SegDataset(Dataset):
         image = torch.from_numpy(np.array(self._images[self._rows[sample]].transpose(2, 0, 1),
                                           order="C"))
         mask = torch.from_numpy(self._masks[sample].astype(np.float32))[None]
-        return {"image": image, "mask": mask, "index": sample, "text": self._texts[sample]}
+        item = {"image": image, "mask": mask, "index": sample, "text": self._texts[sample]}
+        if self._instances is not None:
+            item["instances"] = torch.from_numpy(self._instances[sample].astype(np.int32))[None]
+        return item
 
     def image_row(self, sample: int) -> int:
         """The row of images.npy that store sample `sample` (an item's ``index``) was cut from."""
@@ -280,8 +313,8 @@ class SegDataset(Dataset):
         return int(self._rows[sample])  # type: ignore[index]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_images": None, "_masks": None, "_rows": None,
-                "_texts": None}
+        return {**self.__dict__, "_images": None, "_masks": None, "_instances": None,
+                "_rows": None, "_texts": None}
 
     def subset(self, n: int) -> SegDataset:
         """The first ``n`` samples of this split (all of them if it has fewer)."""
@@ -323,7 +356,8 @@ class Store:
                 "fit": self.index["params"]["fit"], "options": self.index["params"]["options"],
                 "splits": dict(counts["samples"]), "images": counts["images"],
                 "dropped_empty": dict(counts["dropped_empty"]),
-                "classes": dict(counts["classes"])}
+                "classes": dict(counts["classes"]),
+                **({"instances": dict(counts["instances"])} if "instances" in counts else {})}
 
     def summary(self) -> str:
         """One line: samples per split, images, dropped empty samples, classes, hash."""
@@ -332,15 +366,19 @@ class Store:
         dropped = ", ".join(f"{n} {split}" for split, n in info["dropped_empty"].items())
         classes = ", ".join(f"{name} {n}" for name, n in info["classes"].items()) or "none"
         size, colour = self.patch_size, "RGB" if self.channels == 3 else "grey"
+        objects = ""
+        if "instances" in info:
+            per = dict(info["instances"])
+            most = per.pop("max_per_sample")
+            objects = (f"; instances: {', '.join(f'{split} {n}' for split, n in per.items())} "
+                       f"(at most {most} per sample)")
         return (f"{self.dataset}: {samples} samples of {size}x{size} ({colour}, {info['fit']}) "
                 f"from {info['images']} image patches; dropped empty: {dropped}; classes: "
-                f"{classes}; hash {self.hash[:12]}")
+                f"{classes}{objects}; hash {self.hash[:12]}")
 
     def verify(self) -> None:
         """Recompute the content hash; raise DataError if the files were changed."""
-        images = np.load(self.path / "images.npy", mmap_mode="r")
-        masks = np.load(self.path / "masks.npy", mmap_mode="r")
-        if _content_hash(images, masks, self.index) != self.hash:
+        if _content_hash(_arrays(self.path), self.index) != self.hash:
             raise DataError(f"The store {self.path} does not match its recorded hash "
                             f"{self.hash[:12]}; it was modified. Delete it and prepare again.")
 
@@ -361,6 +399,9 @@ def open_store(path: Path) -> Store:
         size = index["params"]["patch_size"]
         expected = {"images.npy": (index["counts"]["images"], size, size, index["channels"]),
                     "masks.npy": (len(index["samples"]), size, size)}
+        if "instances" in index["counts"]:
+            shapes[INSTANCES] = np.load(path / INSTANCES, mmap_mode="r").shape
+            expected[INSTANCES] = expected["masks.npy"]
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise DataError(f"{path} is not a readable segtune store ({exc}); delete it and "
                         f"prepare again.") from exc

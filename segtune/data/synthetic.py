@@ -18,6 +18,7 @@ Everything is vectorised numpy (FFT smoothing, per-object bounding boxes), so th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -57,16 +58,17 @@ def synth_em(
     return out
 
 
-def build(root: Path) -> RawDataset:
+def build(root: Path, *, intensity: Any = "auto", masks: Any = "binary",
+          channel: int | None = None) -> RawDataset:
     """Registry builder: generate the default synthetic stacks into ``root`` if absent.
 
     Existing files are left alone (a test may have written smaller stacks there), and the
-    folder is then read exactly like the real dataset.
+    folder is then read exactly like the real dataset, with the same options.
     """
     root = Path(root)
     if not all((root / name).is_file() for pair in EPFL_FILES.values() for name in pair):
         synth_em(root)
-    return lucchi_em.build(root)
+    return lucchi_em.build(root, intensity=intensity, masks=masks, channel=channel)
 
 
 def _slice(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ def _epfl(root: Path, images: np.ndarray | None = None, masks: np.ndarray | None
 
 def test_epfl_layout_reads_uint8_images_and_0_1_masks(tmp_path: Path) -> None:
     root = _epfl(tmp_path)
-    images, masks, source = load_split(root, "train")
+    images, masks, source = load_split(root, "train")[:3]
     assert images.shape == masks.shape == (3, 64, 96)
     assert images.dtype == masks.dtype == np.uint8
     assert set(np.unique(masks).tolist()) == {0, 1}
@@ -53,7 +53,7 @@ def test_lucchi_pp_layout_reads_sorted_png_and_tif_slices(tmp_path: Path) -> Non
             tifffile.imwrite(tmp_path / split_out / f"mask{i}.tif", masks[i])
     (tmp_path / "Train_In" / "notes.txt").write_text("ignored")
 
-    got_images, got_masks, source = load_split(tmp_path, "train")
+    got_images, got_masks, source = load_split(tmp_path, "train")[:3]
     assert np.array_equal(got_images, images)
     assert np.array_equal(got_masks, masks // 255)
     assert source == "Train_In"
