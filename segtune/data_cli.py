@@ -105,8 +105,10 @@ def check(name: str = NameArg, root: Path = RootArg, patch_size: int = PatchOpt,
         samples = ", ".join(f"{split} {n}" for split, n in result["samples"].items())
         items = ", ".join(f"{split} {n}" for split, n in result["items"].items())
         classes = ", ".join(f"{c} {n}" for c, n in result["classes"].items())
+        objects = ", ".join(f"{split} {n}" for split, n in result.get("instances", {}).items())
         _say(f"ok: {name} at {root}: images {items}; samples of {d.patch_size}x{d.patch_size} "
-             f"({result['fit']}) {samples}; classes: {classes}")
+             f"({result['fit']}) {samples}; classes: {classes}"
+             + (f"; instances: {objects}" if objects else ""))
 
 
 @data_app.command()

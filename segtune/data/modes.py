@@ -198,8 +198,8 @@ def diagnose(values: np.ndarray, histogram: np.ndarray | None = None) -> str:
     if histogram is not None:
         present = np.flatnonzero(histogram)
         total, extreme = histogram.sum(), histogram[:11].sum() + histogram[245:].sum()
-        if total and extreme / total >= 0.9 and len(present) > 4:
-            between = len(present[(present > 10) & (present < 245)])
+        between = len(present[(present > 10) & (present < 245)])
+        if total and extreme / total >= 0.9 and between and histogram[245:].any():
             return (f"The values look like a resized or JPEG-compressed binary mask ({between} "
                     f"in-between values, {extreme / total:.0%} of pixels near 0 or 255); save "
                     f"masks losslessly (PNG or TIFF) at their image's size")
