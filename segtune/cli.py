@@ -103,6 +103,10 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file; with --re
         print_config(cfg)
     outcome = run_sweep(cfg, address=address, resume=target, log=say)
     print_runs(cfg.tracking.uri, cfg.tracking.experiment, outcome.sweep_id)
+    from tracking.urls import experiment_runs_url
+
+    if page := experiment_runs_url(cfg.tracking.uri, cfg.tracking.experiment):
+        say(f"runs: {page}")
     if outcome.interrupted:
         raise typer.Exit(130)
     if outcome.finished == 0:

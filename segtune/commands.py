@@ -242,7 +242,10 @@ def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: 
     if track:
         check_server(cfg.tracking.uri)
         ctx.tracker = open_single_trial(cfg, git_sha=git_sha(), data_hash=data_hash)
-        log(f"run {ctx.tracker.run_id} in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
+        from tracking.urls import run_url_of  # the run's page, not the server's front page
+
+        log(f"run {ctx.tracker.run_id} in experiment {cfg.tracking.experiment!r}: "
+            f"{run_url_of(cfg.tracking.uri, ctx.tracker.run_id) or cfg.tracking.uri}")
     with tracked(ctx.tracker):
         return run_trial(cfg, ctx)
 

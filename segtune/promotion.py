@@ -240,7 +240,10 @@ def promote(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: s
             code_paths=_code_paths(Path(tmp) / "code"), pip_requirements=pinned_requirements(),
             signature=model_signature(), input_example=input_example(cfg),
             metadata={"segtune.sha256": sha, "segtune.run_id": rid}, tags=tags)
-    log(f"registered {name} version {version} (run {rid}, {metric}={value:.4f})")
+    from tracking.urls import model_version_url
+
+    page = model_version_url(uri, name, version)
+    log(f"registered {name} version {version} (run {rid}, {metric}={value:.4f})" + (f": {page}" if page else ""))
     p = Promotion(name, version, alias, rid, metric, value, sha, f"models:/{name}@{alias}")
 
     # The gates judge what was registered: its weights are downloaded back from the server and

@@ -96,7 +96,8 @@ def experiment_files(paths: list[Path]) -> list[Path]:
 
 def file_specs(paths: list[Path], uri: str | None = None) -> list:
     """The report's view of each experiment file with a `reference:` block."""
-    from segtune.config import load_config
+    from segtune.config import flatten, load_config
+    from tracking.placement import reference_settings
     from tracking.study_report import FileSpec
 
     specs = []
@@ -107,7 +108,8 @@ def file_specs(paths: list[Path], uri: str | None = None) -> list:
             continue
         specs.append(FileSpec(name=cfg.name, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, row=ref.row,
                               dataset=ref.dataset, setting=ref.setting, model=cfg.model.key, thesis_iou=ref.test_iou,
-                              epochs=ref.epochs, thesis_loss=ref.train_dice_loss, note=ref.note))
+                              epochs=ref.epochs, thesis_loss=ref.train_dice_loss, note=ref.note,
+                              settings=reference_settings(flatten(cfg))))
     return specs
 
 
@@ -131,7 +133,9 @@ def report_command(
     specs = file_specs(list(experiments or [THESIS]), tracking_uri)
     for uri in dict.fromkeys(s.uri for s in specs):
         check_server(uri)
-    md, _ = report(specs, out)
+    from segtune.progress import track
+
+    md, _ = report(specs, out, track=track)
     typer.echo(md, nl=False)
     if out is not None:
         say(f"\nwrote {out / 'index.html'} (and report.md, figures, overlays)")

@@ -113,6 +113,7 @@ def challenger(swept):
               "--name", MODEL)
     assert res.returncode == 0, res.stderr
     assert "gate rescore: passed" in res.stdout and f"segtune approve {MODEL} --version" in res.stdout
+    assert f"/#/models/{MODEL}/versions/" in res.stdout  # the version's own page
     return client.get_model_version_by_alias(MODEL, "challenger"), _best(client, outcome.sweep_id)
 
 

@@ -47,6 +47,8 @@ def test_a_sweep_whose_every_trial_failed_exits_2_with_the_table(tmp_path, em_da
     assert proc.returncode == 2, out[-3000:]
     assert "no trial ended with a result (2 of 2 failed" in out.strip().splitlines()[-1], out[-3000:]
     assert "2 trials" in out  # the table is still printed
+    exp = MlflowClient(uri).get_experiment_by_name(name)
+    assert f"runs: {uri}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in out
     assert {r.info.status for r in trial_runs(uri, name)} == {"FAILED"}
 
 
