@@ -151,7 +151,7 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
         parent = start_sweep_run(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, params,
                                  name=f"sweep {cfg.model.key} {cfg.dataset.name} [{sweep_id}]",
                                  description=sweep_description(cfg, sweep_id, sha),
-                                 tags={**run_tags(cfg, git_sha=sha, data_hash=data_hash),
+                                 tags={**run_tags(cfg, git_sha=sha, data_hash=data_hash, store=store),
                                        "segtune.name": cfg.name, "segtune.space_hash": space_hash(cfg)})
         log(f"sweep {sweep_id}: {cfg.search.num_samples} trials of {cfg.model.key} on {cfg.dataset.name}, "
             f"{cfg.search.max_concurrent} at a time; parent run {parent}")
@@ -230,6 +230,7 @@ def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: 
     from segtune.trial import open_single_trial, tracked
     from tracking.runs import quiet_mlflow
     from tracking.server import check_server
+    from tracking.urls import run_url_of  # the run's page, not the server's front page
 
     quiet_mlflow()  # MLflow would print each run's URL, the tracking URI's password included
     check_experiment(cfg)
@@ -241,8 +242,7 @@ def train_one(cfg: ExperimentConfig, workdir: Path, *, track: bool = True, log: 
     ctx = TrialContext(store=store, workdir=workdir, log=log)
     if track:
         check_server(cfg.tracking.uri)
-        ctx.tracker = open_single_trial(cfg, git_sha=git_sha(), data_hash=data_hash)
-        from tracking.urls import run_url_of  # the run's page, not the server's front page
+        ctx.tracker = open_single_trial(cfg, git_sha=git_sha(), data_hash=data_hash, store=store)
 
         log(f"run {ctx.tracker.run_id} in experiment {cfg.tracking.experiment!r}: "
             f"{run_url_of(cfg.tracking.uri, ctx.tracker.run_id) or cfg.tracking.uri}")

@@ -99,7 +99,7 @@ def score_and_log(cfg: ExperimentConfig, model: Segmenter, *, store: Path, data_
     split = split or cfg.eval.split
     run = open_run(cfg.tracking.uri, cfg.tracking.experiment, kind=kind, params=flatten(cfg),
                    run_name=name or run_name(kind.replace("_", "-"), cfg, split),
-                   tags={**run_tags(cfg, git_sha=git_sha(), data_hash=data_hash),
+                   tags={**run_tags(cfg, git_sha=git_sha(), data_hash=data_hash, store=store),
                          "segtune.name": cfg.name, "segtune.protocol": cfg.eval.protocol,
                          "segtune.split": split, **(tags or {})},
                    parent_run_id=parent_run_id, sweep_id=sweep_id, trial_id=trial_id)

@@ -158,7 +158,7 @@ def prompt_search(cfg: ExperimentConfig, *, address: str | None = None, write: l
     parent = open_run(cfg.tracking.uri, cfg.tracking.experiment, kind=PROMPT_SEARCH, sweep_id=search_id,
                       run_name=f"prompt search {cfg.model.key} {cfg.dataset.name} ({len(texts)} prompts)",
                       params={**flatten(cfg), "prompt_search.texts": texts},
-                      tags={**run_tags(cfg, git_sha=git_sha(), data_hash=data_hash),
+                      tags={**run_tags(cfg, git_sha=git_sha(), data_hash=data_hash, store=store),
                             "segtune.name": cfg.name, SEARCH: "prompt",
                             # The run's description in the MLflow UI.
                             "mlflow.note.content": f"Prompt search for {cfg.name}: {len(texts)} text prompts "

@@ -8,7 +8,6 @@ source and user columns. Ground floor: plain files and subprocesses, no segtune 
 
 from __future__ import annotations
 
-import functools
 import getpass
 import json
 import os
@@ -50,31 +49,6 @@ def source_type() -> str:
     """MLflow's `mlflow.source.type`: JOB inside a batch job (Slurm), else LOCAL. Sweep trials,
     which Ray runs as jobs of the sweep, are tagged JOB by whoever opens them."""
     return "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL"
-
-
-@functools.lru_cache(maxsize=32)
-def _stores(cache_dir: str, dataset: str) -> dict[str, tuple[str, str]]:
-    """hash -> (folder, split counts as JSON) of the prepared stores of `dataset` in `cache_dir`."""
-    found: dict[str, tuple[str, str]] = {}
-    for index in sorted(Path(cache_dir).glob(f"{dataset}-*/index.json")):
-        try:
-            data = json.loads(index.read_text())
-            found[data["hash"]] = (str(index.parent.resolve()),
-                                   json.dumps(data["counts"]["samples"], sort_keys=True))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a store being written, or one of an older format: not the one a run names
-    return found
-
-
-def store_of(cache_dir: str | Path, dataset: str, data_hash: str) -> tuple[str, str] | None:
-    """The prepared store with content hash `data_hash`: (its folder, its samples per split as
-    JSON), or None when no store in `cache_dir` has that hash."""
-    key = (str(Path(cache_dir).resolve()), dataset)
-    hit = _stores(*key).get(data_hash)
-    if hit is None:  # prepared since the last look
-        _stores.cache_clear()
-        hit = _stores(*key).get(data_hash)
-    return hit
 
 
 def store_counts(store: str | Path) -> str | None:

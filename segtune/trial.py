@@ -44,9 +44,8 @@ def run_tags(cfg: ExperimentConfig, *, git_sha: str, data_hash: str, store: str 
     """The tags every segtune run carries: which model, which data, which code, who and how.
 
     segtune's own (`segtune.*`) and MLflow's standard ones (`mlflow.source.*`, `mlflow.user`),
-    which fill the UI's source and user columns. The prepared store (`store`, else found in
-    `dataset.cache_dir` by `data_hash`) is named with its split counts; tracking logs it as the
-    run's MLflow dataset input (tracking.lineage).
+    which fill the UI's source and user columns. The prepared store `store` is named with its
+    split counts; tracking logs it as the run's MLflow dataset input (tracking.lineage).
     """
     tags = {"segtune.model": cfg.model.key, "segtune.dataset": cfg.dataset.name,
             "segtune.git_sha": git_sha, "segtune.data_hash": data_hash,
@@ -56,10 +55,8 @@ def run_tags(cfg: ExperimentConfig, *, git_sha: str, data_hash: str, store: str 
     if commit is not None:
         tags["mlflow.source.git.commit"] = commit
     counts = provenance.store_counts(store) if store is not None else None
-    found = (str(store), counts) if counts is not None else provenance.store_of(
-        cfg.dataset.cache_dir, cfg.dataset.name, data_hash)
-    if found is not None:
-        tags["segtune.store"], tags["segtune.data_counts"] = found
+    if counts is not None:
+        tags["segtune.store"], tags["segtune.data_counts"] = str(store), counts
     return tags
 
 
@@ -85,11 +82,12 @@ def open_sweep_trial(cfg: ExperimentConfig, sweep: SweepContext, trial_id: str, 
     return tracker
 
 
-def open_single_trial(cfg: ExperimentConfig, *, git_sha: str, data_hash: str) -> TrialRun:
+def open_single_trial(cfg: ExperimentConfig, *, git_sha: str, data_hash: str,
+                      store: str | Path | None = None) -> TrialRun:
     """The standalone run of `segtune train` (no sweep, no parent)."""
     return TrialRun.open(cfg.tracking.uri, cfg.tracking.experiment, sweep_id="none",
                          trial_id=f"train-{uuid.uuid4().hex[:8]}", parent_run_id=None, params=flatten(cfg),
-                         tags=run_tags(cfg, git_sha=git_sha, data_hash=data_hash))
+                         tags=run_tags(cfg, git_sha=git_sha, data_hash=data_hash, store=store))
 
 
 @contextmanager

@@ -33,12 +33,12 @@ def opened(tiny_config, tmp_path: Path, monkeypatch):
     cfg = tiny_config
     store, data_hash = prepare_data(cfg, log=lambda _: None)
     sha = git_sha(REPO)
-    tags = run_tags(cfg, git_sha=sha, data_hash=data_hash)
+    tags = run_tags(cfg, git_sha=sha, data_hash=data_hash, store=store)
     parent = start_sweep_run(cfg.tracking.uri, cfg.tracking.experiment, "s1", flatten(cfg), tags=tags)
     sweep = SweepContext(store=str(store), data_hash=data_hash, sweep_id="s1", parent_run_id=parent,
                          git_sha=sha, spool_dir=str(tmp_path / "spool"))
     trial = open_sweep_trial(cfg, sweep, "t1", node_id="node")
-    single = open_single_trial(cfg, git_sha=sha, data_hash=data_hash)
+    single = open_single_trial(cfg, git_sha=sha, data_hash=data_hash, store=store)
     evaluation = open_run(cfg.tracking.uri, cfg.tracking.experiment, kind=ZERO_SHOT, run_name="zs",
                           params=flatten(cfg), tags=tags)
     client = MlflowClient(cfg.tracking.uri)
@@ -84,7 +84,7 @@ def test_the_tracking_user_name_is_the_user_and_no_password_is_logged(tiny_confi
     assert tags["mlflow.user"] == "alice" and tags["mlflow.source.type"] == "JOB"
     assert tags["mlflow.source.git.commit"] == "abc123"  # MLflow's field is the commit; segtune.git_sha says dirty
     assert "tracking-pw-456" not in json.dumps(tags)
-    assert "segtune.store" not in tags  # no store has that hash: no dataset input, nothing invented
+    assert "segtune.store" not in tags  # no store given: no dataset input, nothing invented
     assert "mlflow.source.git.commit" not in run_tags(tiny_config, git_sha="unknown", data_hash="x")
 
 
