@@ -165,6 +165,36 @@ class SearchDim(_Section):
         return getattr(self, self.kind)
 
 
+class RepeatsConfig(_Section):
+    """K members per configuration (`search.repeats`): exactly one of `seeds` (members train
+    with train.seed + i on the same split) or `folds` (K-fold over the training images, grouped
+    by source image; segtune.data.folds). Tune sees one trial; its metrics are the members'
+    mean, std and lower confidence bound (segtune.repeats)."""
+
+    seeds: int | None = Field(None, ge=2)
+    folds: int | None = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RepeatsConfig:
+        if (self.seeds is None) == (self.folds is None):
+            raise ValueError("give exactly one of seeds: K or folds: K (K >= 2), e.g. repeats: {seeds: 3}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """`seeds` or `folds`."""
+        return "seeds" if self.seeds is not None else "folds"
+
+    @property
+    def k(self) -> int:
+        """How many members each configuration runs."""
+        return int(self.seeds if self.seeds is not None else self.folds)  # type: ignore[arg-type]
+
+
+#: What a sweep with repeats may rank trials on besides the loop's own metrics.
+REPEAT_METRICS = ("val/dice_mean", "val/dice_std", "val/dice_lcb")
+
+
 class SearchConfig(_Section):
     space: dict[str, SearchDim] = Field(default_factory=dict)
     num_samples: int = Field(8, gt=0)
@@ -178,6 +208,19 @@ class SearchConfig(_Section):
     max_failures: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
     storage_path: str = ".segtune/ray_results"
+    repeats: RepeatsConfig | None = None
+    # The lower confidence bound over repeats: mean - lcb_z * std / sqrt(K).
+    lcb_z: float = Field(1.0, ge=0.0)
+    # The best trials by val/dice_best scored under every prompt kind after the sweep
+    # (segtune.robustness); 0 turns it off.
+    finalists: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _repeat_metric(self) -> SearchConfig:
+        if self.metric in REPEAT_METRICS and self.repeats is None:
+            raise ValueError(f"metric {self.metric} exists only with repeats: set search.repeats "
+                             "(e.g. {seeds: 3}) or use metric val/dice")
+        return self
 
 
 class ResourcesConfig(_Section):
@@ -233,7 +276,21 @@ class EvalConfig(_Section):
     overlays: int = Field(4, ge=0)  # overlay PNGs logged per run (the first N samples)
     # Trials also draw the first validation samples every N epochs (overlays/epoch_NNN); 0: never.
     overlay_every: int = Field(5, ge=0)
+    # Overlays of the k lowest-IoU samples of the scored split (overlays/worst/), beside the
+    # per-image table (per_image/); 0: none.
+    worst_k: int = Field(4, ge=0)
+    # Boundary metrics scored beside IoU and Dice (`<split>/hd95`, `<split>/boundary_f1`); none
+    # by default: they cost a distance transform per image on the CPU (segtune.metrics).
+    # The names are segtune.metrics.BOUNDARY_METRICS' keys (written out here: no torch at load).
+    metrics: list[Literal["hd95", "boundary_f1"]] = Field(default_factory=list)
     amg: AmgConfig = Field(default_factory=AmgConfig)
+
+    @field_validator("metrics")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) < len(v):
+            raise ValueError(f"{v!r} names a metric twice")
+        return v
 
 
 class PromptSearchConfig(_Section):
