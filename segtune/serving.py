@@ -7,6 +7,7 @@ and pinned requirements, so it loads where neither the training folders nor segt
 
     model = mlflow.pyfunc.load_model("models:/segtune-sam_tiny-synthetic_em@champion")
     masks = model.predict({"image": img, "points": [[120, 88]]})   # img: (H,W) or (H,W,C) uint8
+    # (trained with dataset.intensity other than auto: raw 16-bit or float pixels, mapped alike)
     masks = model.predict({"image": img, "box": [80, 60, 170, 130]})
     masks = clipseg.predict({"image": img, "text": "mitochondria"})
 
@@ -109,6 +110,17 @@ class SegtuneMaskModel(PythonModel):
             prompts.points, prompts.labels = torch.from_numpy(pts)[None], torch.from_numpy(labels)[None]
         return prompts
 
+    def _eight_bit(self, image: np.ndarray) -> np.ndarray:
+        """The request's pixels as the store held them in training: mapped to 8 bit by the
+        training data's `dataset.intensity` (a 16-bit microscope image as it comes), or, under
+        `auto`, clipped to 0..255."""
+        from segtune.data.modes import read_options, to_uint8
+
+        intensity = read_options(intensity=self.cfg.dataset.intensity).intensity
+        if intensity == "auto" or image.dtype == np.uint8:
+            return np.clip(image, 0, 255).astype(np.uint8)
+        return to_uint8(image, intensity, Path("the request's image"))
+
     def _one(self, item: dict) -> np.ndarray:
         import torch
 
@@ -119,7 +131,7 @@ class SegtuneMaskModel(PythonModel):
             image = image[..., None]
         if image.ndim != 3 or image.shape[2] not in (1, 3):
             raise ValueError(f"image: expected (H,W) or (H,W,C) with C 1 or 3, got shape {image.shape}")
-        image = np.clip(image, 0, 255).astype(np.uint8)
+        image = self._eight_bit(image)
         h, w = image.shape[:2]
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(self.device)
         prompts = self._prompt(item, h, w).to(self.device)
