@@ -16,7 +16,7 @@ look at the mask.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -107,6 +107,12 @@ def box(mask: np.ndarray, rng: np.random.Generator, opts: PromptOptions) -> Prom
     return Prompt(box=b)
 
 
+def jittered_box(mask: np.ndarray, rng: np.random.Generator, opts: PromptOptions) -> Prompt:
+    """An eval prompt: the tight box with the training-time jitter of `box` (each side 0..box_jitter
+    px outward), drawn from the seeded generator like every eval prompt (segtune robustness)."""
+    return box(mask, rng, replace(opts, train=True))
+
+
 def text(mask: np.ndarray, rng: np.random.Generator, opts: PromptOptions) -> Prompt:
     """A text prompt: the YAML's `prompt.text`, else the sample's class name or description."""
     if not opts.text:
@@ -125,6 +131,7 @@ PROMPTS: dict[str, Callable[[np.ndarray, np.random.Generator, PromptOptions], Pr
     "center_point": center_point,
     "k_points": k_points,
     "box": box,
+    "jittered_box": jittered_box,
     "text": text,
     "none": none,
 }

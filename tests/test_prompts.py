@@ -213,7 +213,8 @@ def test_empty_mask_is_refused_exactly_where_needs_foreground_says(name: str) ->
 
 
 def test_needs_foreground_for_points_and_boxes_only() -> None:
-    assert {n for n in PROMPTS if needs_foreground(n)} == {"random_point", "center_point", "k_points", "box"}
+    assert {n for n in PROMPTS if needs_foreground(n)} == {"random_point", "center_point", "k_points", "box",
+                                                          "jittered_box"}
 
 
 @pytest.mark.parametrize("name", sorted(PROMPTS))
