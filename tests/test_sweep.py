@@ -34,7 +34,7 @@ def swept(tmp_path_factory, em_data, mlflow_server):
         f"dataset.root={em_data}", f"dataset.cache_dir={em_data / 'cache'}",
         "dataset.max_train=8", "dataset.max_eval=4",
         "search.num_samples=3", "search.space.train.epochs={randint: [1, 2]}",
-        "search.space.train.batch_size={choice: [4, 8]}", "search.grace_period=1",
+        "search.space.train.batch_size={choice: [4, 8]}", "search.grace_period=1", "search.finalists=2",
         f"search.storage_path={tmp / 'ray'}",
         f"tracking.uri={mlflow_server.uri}", "tracking.experiment=sweep-test",
     ])
@@ -274,3 +274,45 @@ def test_racing_promotions_leave_the_alias_on_the_best(swept) -> None:
     # Every version was judged on its own registered weights.
     for v in client.search_model_versions("name = 'segtune-race-test'"):
         assert client.get_model_version("segtune-race-test", v.version).tags["segtune.gates"] == "passed"
+
+
+def test_the_finalists_carry_the_robustness_matrix_and_the_sweep_its_heatmap(swept, tmp_path) -> None:
+    import csv
+
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    trials = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`segtune.sweep_id` = '{outcome.sweep_id}' and tags.`segtune.kind` = 'trial'"))
+    eligible = [r for r in trials if "val/dice_best" in r.data.metrics and r.data.tags.get("segtune.pruned") != "true"]
+    finalists = [r for r in trials if any(k.startswith("robust/") for k in r.data.metrics)]
+    assert len(finalists) == min(2, len(eligible))  # search.finalists=2: the best by val/dice_best
+    others = [r for r in eligible if r.info.run_id not in {f.info.run_id for f in finalists}]
+    assert all(f.data.metrics["val/dice_best"] >= o.data.metrics["val/dice_best"] for f in finalists for o in others)
+    for r in finalists:
+        assert {"robust/box/iou", "robust/jittered_box/iou", "robust/clicks_5/iou"} <= set(r.data.metrics)
+        assert r.data.tags["segtune.robust.split"] == "val"
+    local = Path(client.download_artifacts(outcome.parent_run_id, "robustness", str(tmp_path)))
+    with (local / "robustness.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert {row["run_id"] for row in table} == {r.info.run_id for r in finalists}
+    assert {row["trial_id"] for row in table} == {r.data.tags["segtune.trial_id"] for r in finalists}
+    for row in table:
+        assert float(row["iou"]) == pytest.approx(
+            client.get_run(row["run_id"]).data.metrics[f"robust/{row['eval_prompt']}/iou"])
+    assert (local / "robustness.png").stat().st_size > 0
+
+
+def test_promote_with_prompt_floors_it_meets_passes_reading_the_finalists_scores(swept) -> None:
+    from segtune.promotion import promote
+
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    p = promote(cfg.tracking.uri, "sweep-test", sweep_id=outcome.sweep_id, name="segtune-sweep-floors",
+                min_prompt_iou={"box": 0.0, "random_point": 0.0, "clicks_1": 0.0}, log=lambda _: None)
+    assert p.passed
+    gate = next(g for g in p.gates if g.name == "prompt_iou")
+    assert gate.passed and "read from the run" in gate.detail and "clicks_1" in gate.detail
+    version = client.get_model_version("segtune-sweep-floors", p.version)
+    assert version.tags["segtune.gate.prompt_iou"] == "passed" and version.tags["segtune.gates"] == "passed"
+    assert "| prompt_iou | passed |" in version.description
