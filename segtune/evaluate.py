@@ -5,7 +5,10 @@ tiny presets) on `eval.split`; `evaluate_checkpoint(cfg, ...)` scores a trained 
 (a folder, a run's `checkpoints/best`, or a registered `models:/NAME@ALIAS`) on the file's
 data with the file's `prompt.eval`. Each logs one MLflow run (`segtune.kind` `zero_shot` or
 `eval`, see tracking.evals) with `<split>/iou` and `<split>/dice`, plus both AMG protocols
-when `eval.protocol` is `amg` (segtune.amg), and overlay PNGs of the first few samples.
+when `eval.protocol` is `amg` (segtune.amg), and overlay PNGs of the first few samples. A
+prompted run also logs the boundary metrics of `eval.metrics` and where the model fails, as a
+trial does on its test split: the per-image table and histogram (`per_image/<split>.*`) and
+overlays of the `eval.worst_k` worst samples (`per_image/<split>_worst/`; segtune.overlay_log).
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from segtune.config import ExperimentConfig, flatten
 from segtune.data import SegDataset
 from segtune.loaders import eval_loader, eval_split
 from segtune.models import Segmenter
-from segtune.overlay_log import write_overlays
+from segtune.overlay_log import OverlayLog, write_overlays
 from segtune.prepare import Log, check_experiment, check_fit, prepare_data
 from segtune.progress import track
 from segtune.provenance import git_sha
-from segtune.scoring import Example, hwc, score_loader
+from segtune.scoring import Example, ImageScore, hwc, score_loader
 from segtune.trial import run_tags, tracked
 
 
@@ -66,15 +69,26 @@ def score_amg(model: Segmenter, ds: SegDataset, cfg: ExperimentConfig, keep: int
 
 
 def score(model: Segmenter, cfg: ExperimentConfig, store: Path, *, split: str | None = None,
-          sample: int | None = None, keep: int = 0, log: Log = print) -> tuple[dict[str, float], list[Example]]:
-    """Score `model` on the store with the file's eval protocol; metrics are `<split>/<name>`."""
+          sample: int | None = None, keep: int = 0, per_image: list[ImageScore] | None = None,
+          log: Log = print) -> tuple[dict[str, float], list[Example]]:
+    """Score `model` on the store with the file's eval protocol; metrics are `<split>/<name>`.
+
+    With a `per_image` list, a prompted protocol appends every sample's scores to it (the AMG
+    protocol scores no per-image table)."""
     split = split or cfg.eval.split
     ds = eval_split(cfg, store, split, sample if sample is not None else cfg.eval.sample)
+    return score_split(model, cfg, ds, split, keep=keep, per_image=per_image, log=log)
+
+
+def score_split(model: Segmenter, cfg: ExperimentConfig, ds: SegDataset, split: str, *, keep: int = 0,
+                per_image: list[ImageScore] | None = None, log: Log = print) -> tuple[dict[str, float], list[Example]]:
+    """`score` on the samples `eval_split` chose."""
     if cfg.eval.protocol == "amg":
         metrics, examples = score_amg(model, ds, cfg, keep, log)
     else:
         metrics, examples = score_loader(model, eval_loader(cfg, ds), keep=keep, line=log,
-                                         label=f"scoring {cfg.model.key} on {cfg.dataset.name} {split}")
+                                         label=f"scoring {cfg.model.key} on {cfg.dataset.name} {split}",
+                                         metrics=cfg.eval.metrics, per_image=per_image)
     out = {f"{split}/{k}": float(v) for k, v in metrics.items()}
     out[f"{split}/samples"] = float(len(ds))
     return out, examples
@@ -93,7 +107,8 @@ def score_and_log(cfg: ExperimentConfig, model: Segmenter, *, store: Path, data_
                   tags: dict[str, str] | None = None, split: str | None = None, sample: int | None = None,
                   parent_run_id: str | None = None, sweep_id: str = "none", trial_id: str | None = None,
                   name: str | None = None, log: Log = print) -> EvalResult:
-    """Score, then log one run of `kind`: flattened config, metrics, overlays, final status."""
+    """Score, then log one run of `kind`: flattened config, metrics, overlays, the per-image
+    table and worst samples (prompted protocol), final status."""
     from tracking.evals import log_folder, open_run
 
     split = split or cfg.eval.split
@@ -104,12 +119,17 @@ def score_and_log(cfg: ExperimentConfig, model: Segmenter, *, store: Path, data_
                          "segtune.split": split, **(tags or {})},
                    parent_run_id=parent_run_id, sweep_id=sweep_id, trial_id=trial_id)
     with tracked(run):
-        metrics, examples = score(model, cfg, store, split=split, sample=sample, keep=cfg.eval.overlays, log=log)
+        ds = eval_split(cfg, store, split, sample if sample is not None else cfg.eval.sample)
+        records: list[ImageScore] = []
+        metrics, examples = score_split(model, cfg, ds, split, keep=cfg.eval.overlays, per_image=records, log=log)
         run.log_metrics(metrics, step=0)
         run.flush()
         with tempfile.TemporaryDirectory(prefix="segtune-overlays-") as tmp:
             paths = write_overlays(examples, Path(tmp))
             log_folder(run, Path(tmp), "overlays")
+        with OverlayLog(run, 0) as figures:  # the same per-image files as a trial's test split
+            figures.log_per_image(model, eval_loader(cfg, ds), records, store=store, split=split,
+                                  worst_k=cfg.eval.worst_k)
         run.finish("FINISHED")
     return EvalResult(metrics, run.run_id, [Path(p.name) for p in paths])
 

@@ -51,7 +51,9 @@ class PromptCollate:
         batch = {"image": torch.stack([it["image"] for it in items]),
                  "mask": torch.stack([it["mask"] for it in items]),
                  "prompts": stack(prompts),
-                 "text": [it["text"] for it in items]}
+                 "text": [it["text"] for it in items],
+                 # Store sample indices: the per-image table's ids (segtune.scoring.score_loader).
+                 "index": torch.tensor([it["index"] for it in items], dtype=torch.int64)}
         if "embedding" in items[0]:  # an embedding-cache split (segtune.cache)
             batch["embedding"] = torch.stack([it["embedding"] for it in items])
         return batch

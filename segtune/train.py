@@ -39,7 +39,7 @@ from segtune.losses import LOSSES
 from segtune.models import Segmenter, build_model
 from segtune.overlay_log import OverlayLog
 from segtune.ray_compat import reset_accelerate_state
-from segtune.scoring import forward_batch, score_loader
+from segtune.scoring import ImageScore, forward_batch, score_loader
 
 
 class Tracker(Protocol):
@@ -216,23 +216,30 @@ def _finish(cfg: ExperimentConfig, ctx: TrialContext, model: Segmenter, best: di
             test_dl: DataLoader, accelerator: Accelerator, overlays: OverlayLog) -> dict[str, float]:
     """Score the best epoch's checkpoint on the test split, log it, close the run.
 
-    The best checkpoint uploads while the test split is scored (on a GPU the two use different
-    hardware); until it is done, only the overlay thread's uploads of earlier figures may run
-    beside it (segtune.overlay_log), and nothing touches the tracker's spool or tags.
+    The test split is scored per image (`per_image/test.csv`, its histogram and the worst
+    `eval.worst_k` samples' overlays: segtune.overlay_log), with the boundary metrics of
+    `eval.metrics` beside IoU and Dice. The best checkpoint uploads while the test split is
+    scored (on a GPU the two use different hardware); until it is done, only the overlay
+    thread's uploads of earlier figures may run beside it, and nothing touches the tracker's
+    spool or tags.
     """
+    records: list[ImageScore] = []
     with ThreadPoolExecutor(1, thread_name_prefix="segtune-upload") as pool:
         upload = pool.submit(ctx.tracker.log_checkpoint, best_dir)
         if best["epoch"] != cfg.train.epochs:  # when the last epoch is the best, the model holds it already
             load_weights(best_dir, model)
-        test, _ = score_loader(model, test_dl, accelerator=accelerator)
+        test, _ = score_loader(model, test_dl, accelerator=accelerator, metrics=cfg.eval.metrics, per_image=records)
     out = {"val/dice_best": best["dice"], "best_epoch": best["epoch"],
-           "test/dice": test["dice"], "test/iou": test["iou"]}
+           **{f"test/{k}": v for k, v in test.items()}}
+    extra = "".join(f" test/{m}={test[m]:.4f}" for m in cfg.eval.metrics)
     ctx.log(f"best epoch {best['epoch']}: val/dice={best['dice']:.4f}; test/iou={test['iou']:.4f} "
-            f"test/dice={test['dice']:.4f}")
+            f"test/dice={test['dice']:.4f}{extra}")
     upload.result()  # raises what the upload raised
     ctx.tracker.log_metrics({k: float(v) for k, v in out.items()}, step=cfg.train.epochs)
     ctx.tracker.flush()
     overlays.log(model, test_dl)  # the best checkpoint's masks on the first test samples
+    # Where it fails: every test sample's scores, and its worst samples drawn.
+    overlays.log_per_image(model, test_dl, records, store=ctx.store, split="test", worst_k=cfg.eval.worst_k)
     overlays.close()  # every figure is up (or its failure tagged) before the run ends
     ctx.tracker.finish("FINISHED")
     return out

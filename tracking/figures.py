@@ -163,3 +163,33 @@ def plot_parallel(trials: list[dict[str, float]], axes: list[str], metric: str, 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_histograms(columns: dict[str, Sequence[float]], path: Path, title: str) -> Path:
+    """One histogram per named column of per-image scores, side by side, each with its mean as
+    a dashed line: `{"iou": [...], "dice": [...], "hd95": [...]}`. Scores in [0, 1] (all but
+    `hd95`, in pixels) share 20 bins over [0, 1].
+
+    Drawn with matplotlib's object API, not pyplot: it holds no global state, so a figure can
+    be drawn on a background thread (segtune.overlay_log) while another thread draws.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * max(len(columns), 1) + 0.4, 3.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(len(columns), 1), squeeze=False)[0]
+    for ax, (name, values) in zip(axes, columns.items(), strict=False):
+        vals = np.asarray(values, dtype=float)
+        unit = name != "hd95"
+        ax.hist(vals, bins=np.linspace(0, 1, 21) if unit else 20, color="tab:blue", alpha=0.8)
+        if len(vals):
+            ax.axvline(vals.mean(), color="black", ls="--", lw=1, label=f"mean {vals.mean():.3g}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(f"{name} (px)" if not unit else name)
+        ax.set_ylabel("images")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
