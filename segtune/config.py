@@ -276,8 +276,8 @@ class EvalConfig(_Section):
     overlays: int = Field(4, ge=0)  # overlay PNGs logged per run (the first N samples)
     # Trials also draw the first validation samples every N epochs (overlays/epoch_NNN); 0: never.
     overlay_every: int = Field(5, ge=0)
-    # Overlays of the k lowest-IoU samples of the scored split (overlays/worst/), beside the
-    # per-image table (per_image/); 0: none.
+    # Overlays of the k lowest-IoU samples of the scored split, beside its per-image table
+    # (per_image/<split>_worst/, per_image/<split>.csv); 0: none.
     worst_k: int = Field(4, ge=0)
     # Boundary metrics scored beside IoU and Dice (`<split>/hd95`, `<split>/boundary_f1`); none
     # by default: they cost a distance transform per image on the CPU (segtune.metrics).
