@@ -17,10 +17,15 @@ with optional `labels`, 1 = foreground), `box` (x0, y0, x1, y1) or `text`. Which
 model answers follows its family (segtune.models.PROMPT_KINDS). Without a prompt: the config's
 `prompt.text` for CLIPSeg, the whole image as box for a box-only family (MedSAM), else the
 image centre as a point. Output: uint8 masks (0/1), one `(H,W)` array per input.
+
+An ensemble (`segtune promote --ensemble`, a trial's K members) is one such model: its `model`
+folder holds `ensemble.json` and one full checkpoint per member, whose mask logits are
+averaged before the threshold (`load_registered`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 PROMPT_FIELDS = ("points", "labels", "box", "text")
+ENSEMBLE = "ensemble.json"  # {"members": [subfolder, ...]}: full checkpoints averaged at the logit level
 
 
 def _given(value: Any) -> bool:
@@ -52,6 +58,33 @@ def request_kinds(family_kinds: tuple[str, ...]) -> set[str]:
     return out
 
 
+def logit_mean(models: list) -> Any:
+    """One module whose mask logits are the mean of `models`' (each images + prompts in)."""
+    import torch
+
+    class LogitMean(torch.nn.Module):
+        def __init__(self, members: list) -> None:
+            super().__init__()
+            self.members = torch.nn.ModuleList(members)
+
+        def forward(self, images, prompts):
+            return torch.stack([m(images, prompts) for m in self.members]).mean(0)
+
+    return LogitMean(models)
+
+
+def load_registered(path: Path) -> tuple[Any, Any]:
+    """(model, config) of a registered `model` folder: one full checkpoint, or an ensemble of
+    them (`ENSEMBLE`: the members' logits averaged; the first member's config)."""
+    from segtune.checkpoint import load_model
+
+    path = Path(path)
+    if not (path / ENSEMBLE).is_file():
+        return load_model(path)
+    loaded = [load_model(path / sub) for sub in json.loads((path / ENSEMBLE).read_text())["members"]]
+    return logit_mean([m for m, _ in loaded]), loaded[0][1]
+
+
 class SegtuneMaskModel(PythonModel):
     # We take one dict, a list of dicts or a DataFrame of numpy arrays, which no type hint MLflow
     # validates expresses; this attribute (MLflow's own, see PythonModel.__init_subclass__) says so.
@@ -60,15 +93,14 @@ class SegtuneMaskModel(PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
 
-        from segtune.checkpoint import load_model  # torch is needed only once the model loads
-        from segtune.models import PROMPT_KINDS
+        from segtune.models import PROMPT_KINDS  # torch is needed only once the model loads
         from tracking.artifacts import MANIFEST, verify_manifest
 
         # `model`: a full checkpoint; `checkpoint`: versions registered before it existed.
         path = Path(context.artifacts.get("model") or context.artifacts["checkpoint"])
         if (path / MANIFEST).is_file():
             verify_manifest(path)  # raises naming a file altered since it was registered
-        self.model, self.cfg = load_model(path)
+        self.model, self.cfg = load_registered(path)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.kinds = request_kinds(PROMPT_KINDS.get(self.cfg.model.name, ()))

@@ -82,6 +82,20 @@ def open_sweep_trial(cfg: ExperimentConfig, sweep: SweepContext, trial_id: str, 
     return tracker
 
 
+def open_member_run(cfg: ExperimentConfig, sweep: SweepContext, trial_id: str, member: int, *,
+                    trial_run_id: str, node_id: str, tags: dict[str, str]) -> TrialRun:
+    """Member `member` of a sweep trial with repeats: a child run of the trial's run
+    (`trial_run_id`), reattached on a retry, tagged like a trial run plus `tags`."""
+    tracker = TrialRun.open(
+        cfg.tracking.uri, cfg.tracking.experiment, sweep_id=sweep.sweep_id, trial_id=trial_id,
+        parent_run_id=trial_run_id, params=flatten(cfg), member=member,
+        tags={**run_tags(cfg, git_sha=sweep.git_sha, data_hash=sweep.data_hash, store=sweep.store, source_type="JOB"),
+              **tags},
+        spool_dir=Path(sweep.spool_dir), name=f"member {member} {tags.get('segtune.repeat', '')} [{trial_id}]")
+    tracker.set_tags({"segtune.node": node_id, "segtune.pid": str(os.getpid())})
+    return tracker
+
+
 def open_single_trial(cfg: ExperimentConfig, *, git_sha: str, data_hash: str,
                       store: str | Path | None = None) -> TrialRun:
     """The standalone run of `segtune train` (no sweep, no parent)."""

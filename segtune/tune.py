@@ -4,7 +4,8 @@
 (OptunaSearch with TPE, ASHA) and runs it against a local Ray (or a cluster with `address`).
 Each trial (`_trial`) opens its own MLflow child run under the sweep's parent run — there is
 no Ray MLflow callback, so there is exactly one run per trial — and calls `train.run_trial`;
-a trial with `resources.workers` above 1 runs as a Ray Train trainer (segtune.distributed).
+a trial with `resources.workers` above 1 runs as a Ray Train trainer (segtune.distributed), and
+one with `search.repeats` runs its K members (segtune.repeats): one trial to Tune all the same.
 `build_tuner` and `ray_session` are shared with the prompt search (segtune.prompt_search).
 """
 
@@ -28,6 +29,8 @@ from segtune.checkpoint import first_intact
 from segtune.cluster import connect, experiment_dir, storage_uri
 from segtune.config import ExperimentConfig, SearchDim, apply_params, validate
 from segtune.distributed import release_orphaned_groups, run_distributed
+from segtune.errors import ConfigError
+from segtune.repeats import MEMBER_DIR, run_repeats
 from segtune.train import TrialContext, run_trial
 from segtune.trial import SweepContext, open_sweep_trial, tracked, trial_client_env, trial_log
 
@@ -71,11 +74,19 @@ def _trial(params: dict[str, Any], *, base: dict, shared: SweepContext) -> None:
         if cfg.resources.workers > 1:
             run_distributed(cfg, params, base, shared, trial_id, log)
             return
-        tracker = open_sweep_trial(cfg, shared, trial_id, node_id=ray.get_runtime_context().get_node_id())
-        resume_from = _restorable(tune.get_checkpoint(), workdir / "restored", log)
+        node_id = ray.get_runtime_context().get_node_id()
+        tracker = open_sweep_trial(cfg, shared, trial_id, node_id=node_id)
+        members = cfg.search.repeats.k if cfg.search.repeats is not None else 0
+        resume_from = _restorable(tune.get_checkpoint(), workdir / "restored", log, members)
 
         def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+
+        if members:
+            with tracked(tracker, passes=(SystemExit,)):
+                run_repeats(cfg, shared, trial_id, tracker, workdir, report, resume_from=resume_from,
+                            node_id=node_id, log=log)
+            return
 
         ctx = TrialContext(store=Path(shared.store), workdir=workdir, tracker=tracker, report_epoch=report,
                            resume_from=resume_from, log=log)
@@ -85,8 +96,9 @@ def _trial(params: dict[str, Any], *, base: dict, shared: SweepContext) -> None:
             run_trial(cfg, ctx)
 
 
-def _restorable(restored: Any, local: Path, log: Callable[[str], None]) -> Path | None:
-    """Download Tune's latest checkpoint of this trial, or an older kept one if it is damaged."""
+def _restorable(restored: Any, local: Path, log: Callable[[str], None], members: int = 0) -> Path | None:
+    """Download Tune's latest checkpoint of this trial, or an older kept one if it is damaged
+    (with `members`, one whose every `member_<i>/` checkpoint is intact)."""
     if restored is None:
         return None
     import pyarrow.fs
@@ -100,7 +112,11 @@ def _restorable(restored: Any, local: Path, log: Callable[[str], None]) -> Path 
         target = local / f"{n}"
         tune.Checkpoint(path, filesystem=fs).to_directory(str(target))
         local_dirs.append(target)
-    found = first_intact(local_dirs, log)
+    if members:
+        found = next((d for d in local_dirs if all(first_intact([d / MEMBER_DIR.format(i)], log) is not None
+                                                   for i in range(members))), None)
+    else:
+        found = first_intact(local_dirs, log)
     if found is None:
         log("no intact checkpoint of this trial survived; it starts again from epoch 1")
     return found
@@ -246,6 +262,10 @@ def tune_trials(cfg: ExperimentConfig, shared: SweepContext, *, address: str | N
     was interrupted (Ctrl-C) with that trial unfinished, and `--resume` continues it.
     """
     s = cfg.search
+    if s.repeats is not None and cfg.resources.workers > 1:
+        raise ConfigError(f"search.repeats: the {s.repeats.k} members of a trial take turns in its one process; "
+                          f"resources.workers={cfg.resources.workers} (data-parallel trials) cannot have "
+                          "members. Set resources.workers: 1 or leave search.repeats out.")
     with ray_session(address):
         searcher = None
         if s.searcher == "optuna":

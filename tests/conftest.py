@@ -71,6 +71,7 @@ def tiny_config(tmp_path: Path, em_data: Path, mlflow_server: ServerInfo):
         f"dataset.root={em_data}", f"dataset.cache_dir={em_data / 'cache'}",
         "dataset.max_train=8", "dataset.max_eval=4",
         "train.epochs=2", "train.batch_size=4",
+        "search.finalists=0",  # the robustness matrix of a sweep's best trials: tests/test_sweep.py
         f"search.storage_path={tmp_path / 'ray'}",
         f"tracking.uri={mlflow_server.uri}", f"tracking.experiment=test-{tmp_path.name}",
     ])

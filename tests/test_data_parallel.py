@@ -22,7 +22,7 @@ from tracking.artifacts import sha256_file
 @pytest.fixture(scope="module")
 def dp_sweep(tmp_path_factory, em_data, mlflow_server):
     tmp = tmp_path_factory.mktemp("dp")
-    cfg = load_config(DEMO, [
+    cfg = load_config(DEMO, ["search.finalists=0",
         f"dataset.root={em_data}", f"dataset.cache_dir={em_data / 'cache'}",
         "dataset.max_train=8", "dataset.max_eval=6", "model.train=mask_decoder",
         "search.num_samples=2", "search.max_concurrent=1", "search.grace_period=1",

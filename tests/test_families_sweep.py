@@ -23,7 +23,7 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_one_trial_sweep_of_each_family(family: str, tmp_path, em_data, mlflow_server) -> None:
-    cfg = load_config(DEMO, [
+    cfg = load_config(DEMO, ["search.finalists=0",
         f"model.name={family}", *FAMILIES[family],
         f"dataset.root={em_data}", f"dataset.cache_dir={em_data / 'cache'}",
         "dataset.max_train=4", "dataset.max_eval=4",

@@ -1,6 +1,8 @@
 """Promotion in the MLflow Model Registry: select, register, record gates, move aliases, approve.
 
-Selection is on a validation metric (`val/dice_best` by default), never on the test split.
+Selection is on a validation metric (`val/dice_best` by default; `val/dice_lcb`, the lower
+confidence bound over its members, for a sweep with repeats), never on the test split. A
+trial with members registers its best member's checkpoint (`best_member`).
 A promotion registers the best finished trial as a new model version under alias
 `challenger` and records its gates (a Markdown report as the version's description and as an
 artifact of the trial's run, plus `segtune.gate.*` tags). Only a version whose gates passed
@@ -30,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from tracking.artifacts import verify_manifest
 from tracking.errors import TrackingError
 from tracking.redact import redact
-from tracking.runs import PRUNED, quiet_mlflow, trial_runs
+from tracking.runs import MEMBER, PRUNED, member_runs, quiet_mlflow, trial_runs
 
 CHECKPOINT_ARTIFACT = "checkpoints/best"
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -88,6 +90,37 @@ def select_best(runs: list[Run], metric: str, mode: str = "max") -> Run:
         raise TrackingError(f"no finished trial has metric {metric!r} among {len(runs)} runs; "
                             "has the sweep finished, and did any trial complete its epochs?")
     return (max if mode == "max" else min)(ok, key=lambda r: r.data.metrics[metric])
+
+
+REPEATS = "segtune.repeats"  # on the trial and member runs of a sweep with repeats, e.g. "seeds:3"
+LCB = "val/dice_lcb"
+
+
+def selection_metric(uri: str, experiment: str, *, sweep_id: str | None = None, run_id: str | None = None) -> str:
+    """What promotion ranks on when not told: `val/dice_lcb` for trials with repeats (a trial
+    run that has members), else `val/dice_best`."""
+    if run_id is not None:
+        try:
+            runs = [MlflowClient(uri).get_run(run_id)]
+        except MlflowException:
+            runs = []  # select_run says what is wrong with it
+    else:
+        runs = trial_runs(uri, experiment, sweep_id)
+    return LCB if any(r.data.tags.get(REPEATS) and r.data.tags.get("segtune.kind") == "trial" for r in runs) \
+        else "val/dice_best"
+
+
+def best_member(uri: str, trial: Run) -> Run | None:
+    """The member of a trial with repeats whose checkpoint is registered: the finished member
+    with the highest val/dice_best. None for a run without members."""
+    if not trial.data.tags.get(REPEATS) or trial.data.tags.get("segtune.kind") != "trial":
+        return None
+    members = member_runs(uri, trial)
+    done = [m for m in members if m.info.status == "FINISHED" and "val/dice_best" in m.data.metrics]
+    if not done:
+        raise TrackingError(f"trial run {trial.info.run_id} has repeats but none of its {len(members)} member "
+                            "runs finished with a val/dice_best; it cannot be promoted.")
+    return max(done, key=lambda m: (m.data.metrics["val/dice_best"], -int(m.data.tags.get(MEMBER, "0"))))
 
 
 def check_promotable(run: Run, metric: str) -> None:

@@ -2,7 +2,9 @@
 
 One MLflow experiment per experiment name; one parent run per sweep (`segtune.kind=sweep`);
 one child run per trial, found again by its `segtune.trial_id` tag, so a retried or resumed
-trial reattaches to its run instead of opening a second one. Metrics are buffered and sent
+trial reattaches to its run instead of opening a second one. A sweep with repeats gives each
+trial run K member runs as its children (`segtune.kind=member`, `segtune.member=i`, the
+trial's `segtune.trial_id`), found again the same way. Metrics are buffered and sent
 with `log_batch` at epoch end: one request per epoch, not one per value.
 """
 
@@ -29,6 +31,7 @@ from tracking.spool import append, deliver, logged_steps
 SWEEP_ID = "segtune.sweep_id"
 TRIAL_ID = "segtune.trial_id"
 KIND = "segtune.kind"
+MEMBER = "segtune.member"
 PRUNED = "segtune.pruned"
 # What a request to a server that is down or restarting raises (MLflow wraps connection errors).
 UNREACHABLE = (MlflowException, requests.exceptions.RequestException, OSError)
@@ -99,10 +102,12 @@ def start_sweep_run(uri: str, experiment: str, sweep_id: str, params: dict[str, 
     return run_id
 
 
-def find_trial_run(client: MlflowClient, experiment_id_: str, sweep_id: str, trial_id: str) -> str | None:
-    """The run already opened for this trial of this sweep, if any."""
-    runs = client.search_runs([experiment_id_], filter_string=(
-        f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{TRIAL_ID}` = '{trial_id}'"), max_results=2)
+def find_trial_run(client: MlflowClient, experiment_id_: str, sweep_id: str, trial_id: str,
+                   member: int | None = None) -> str | None:
+    """The run already opened for this trial of this sweep (or for its member `member`), if any."""
+    query = f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{TRIAL_ID}` = '{trial_id}'"
+    query += f" and tags.`{KIND}` = 'trial'" if member is None else f" and tags.`{MEMBER}` = '{member}'"
+    runs = client.search_runs([experiment_id_], filter_string=query, max_results=2)
     return runs[0].info.run_id if runs else None
 
 
@@ -125,12 +130,18 @@ class TrialRun:
     @classmethod
     def open(cls, uri: str, experiment: str, *, sweep_id: str, trial_id: str, parent_run_id: str | None,
              params: dict[str, Any], tags: dict[str, str], spool_dir: Path | None = None,
-             name: str | None = None) -> TrialRun:
-        """Open the trial's run, or reattach to the one it already has (a retry or resume)."""
+             name: str | None = None, member: int | None = None) -> TrialRun:
+        """Open the trial's run, or reattach to the one it already has (a retry or resume).
+
+        With `member`, the run of that member of the trial (`parent_run_id`: the trial's run).
+        """
         client = MlflowClient(uri)
         exp_id = experiment_id(client, experiment)
-        run_id = find_trial_run(client, exp_id, sweep_id, trial_id)
-        all_tags = {**tags, KIND: "trial", SWEEP_ID: sweep_id, TRIAL_ID: trial_id, MLFLOW_RUN_NAME: name or trial_id}
+        run_id = find_trial_run(client, exp_id, sweep_id, trial_id, member)
+        all_tags = {**tags, KIND: "trial" if member is None else "member", SWEEP_ID: sweep_id, TRIAL_ID: trial_id,
+                    MLFLOW_RUN_NAME: name or trial_id}
+        if member is not None:
+            all_tags[MEMBER] = str(member)
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if run_id is None:
@@ -204,9 +215,9 @@ class TrialRun:
 
 
 def close_open_trials(uri: str, experiment: str, sweep_id: str, statuses: dict[str, str] | None) -> dict[str, str]:
-    """After a sweep: end every trial run still RUNNING, so none is left open.
+    """After a sweep: end every trial run (and member run) still RUNNING, so none is left open.
 
-    `statuses` is Tune's final status per trial id. A TERMINATED trial whose run is still open
+    `statuses` is Tune's final status per trial id; a member run shares its trial's. A TERMINATED trial whose run is still open
     was stopped early by the scheduler: FINISHED with `segtune.pruned=true`. ERROR: FAILED. Any
     other status (the sweep was interrupted): KILLED, and `--resume` reopens it. A run whose trial
     Tune no longer knows (its driver was killed before Tune saved that trial) is deleted (MLflow
@@ -219,8 +230,9 @@ def close_open_trials(uri: str, experiment: str, sweep_id: str, statuses: dict[s
     if exp is None:
         return {}
     closed = {}
-    for run in client.search_runs([exp.experiment_id], filter_string=(
-            f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{KIND}` = 'trial'"), max_results=5000):
+    runs = [run for kind in ("trial", "member") for run in client.search_runs([exp.experiment_id], filter_string=(
+            f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{KIND}` = '{kind}'"), max_results=5000)]
+    for run in runs:
         trial_id, rid = run.data.tags.get(TRIAL_ID, ""), run.info.run_id
         if statuses is not None and trial_id not in statuses:
             client.delete_run(rid)
@@ -274,6 +286,16 @@ def trial_runs(uri: str, experiment: str, sweep_id: str | None = None) -> list[A
     return client.search_runs([exp.experiment_id], filter_string=(
         f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{KIND}` = 'trial'"),
         order_by=["attributes.start_time ASC"], max_results=1000)
+
+
+def member_runs(uri: str, trial_run: Any) -> list[Any]:
+    """The member runs of a trial run (a sweep with repeats), by member number; [] without."""
+    client = MlflowClient(uri)
+    tags = trial_run.data.tags
+    runs = client.search_runs([trial_run.info.experiment_id], filter_string=(
+        f"tags.`{SWEEP_ID}` = '{tags.get(SWEEP_ID, '')}' and tags.`{TRIAL_ID}` = '{tags.get(TRIAL_ID, '')}' "
+        f"and tags.`{KIND}` = 'member'"), max_results=1000)
+    return sorted(runs, key=lambda r: int(r.data.tags.get(MEMBER, "0")))
 
 
 def end_sweep_run(uri: str, run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:

@@ -22,7 +22,7 @@ from tests.conftest import DEMO
 
 def cluster_config(tmp: Path, em_data: Path, uri: str, experiment: str, *extra: str) -> ExperimentConfig:
     """The demo experiment shrunk as in tests/test_sweep.py: 4 short trials, 2 at a time."""
-    return load_config(DEMO, [
+    return load_config(DEMO, ["search.finalists=0",
         f"dataset.root={em_data}", f"dataset.cache_dir={em_data / 'cache'}",
         "dataset.max_train=8", "dataset.max_eval=4",
         "search.num_samples=4", "search.max_concurrent=2", "search.grace_period=1",

@@ -21,7 +21,7 @@ def write_experiment(tmp: Path, em_data: Path, uri: str, experiment: str, *, sam
     raw = yaml.safe_load(DEMO.read_text())
     raw["name"] = experiment
     raw["dataset"].update(root=str(em_data), cache_dir=str(em_data / "cache"), max_train=16, max_eval=4)
-    raw["search"].update(num_samples=samples, scheduler=scheduler, grace_period=1, max_concurrent=2,
+    raw["search"].update(num_samples=samples, scheduler=scheduler, grace_period=1, max_concurrent=2, finalists=0,
                          storage_path=str(tmp / "ray"),
                          space={"train.lr": {"loguniform": [3.0e-4, 3.0e-3]}, "train.epochs": {"choice": [epochs]}})
     raw["tracking"].update(uri=uri, experiment=experiment, spool_dir=str(tmp / "spool"))

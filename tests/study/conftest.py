@@ -28,7 +28,7 @@ def twin_config(path: Path, root: Path, uri: str, extra: list[str] | None = None
     from segtune.config import load_config
 
     name = load_config(path).dataset.name
-    return load_config(path, [f"dataset.root={root / 'data' / name}", f"dataset.cache_dir={root / 'cache'}",
+    return load_config(path, ["search.finalists=0", f"dataset.root={root / 'data' / name}", f"dataset.cache_dir={root / 'cache'}",
                               f"search.storage_path={root / 'ray'}", f"tracking.uri={uri}", *(extra or [])])
 
 

@@ -37,7 +37,7 @@ def browser():
 
 def test_experiment_page_lists_the_sweep_and_a_trial_page_shows_val_dice(browser, tmp_path, em_data,
                                                                          mlflow_server) -> None:
-    cfg = load_config(DEMO, [
+    cfg = load_config(DEMO, ["search.finalists=0",
         f"dataset.root={em_data}", f"dataset.cache_dir={em_data / 'cache'}", "dataset.max_train=8",
         "dataset.max_eval=4", "search.num_samples=2", "search.scheduler=fifo",
         "search.space={train.epochs: {choice: [2]}, train.lr: {loguniform: [1.0e-3, 3.0e-3]}}",
