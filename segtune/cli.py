@@ -154,7 +154,8 @@ def train(file: Path = typer.Argument(..., help="Experiment YAML file."),
 @app.command()
 def promote(experiment: str = typer.Argument(..., help="MLflow experiment name (the file's tracking.experiment)."),
             tracking_uri: str = ServerUriOpt,
-            metric: str = typer.Option("val/dice_best", "--metric", help="Validation metric to select on."),
+            metric: Optional[str] = typer.Option(None, "--metric", help="Validation metric to select on "
+                                                 "(default val/dice_best; val/dice_lcb for a sweep with repeats)."),
             mode: str = typer.Option("max", "--mode", help="max or min."),
             alias: str = typer.Option("challenger", "--alias", help="Alias the new version takes."),
             sweep_id: Optional[str] = typer.Option(None, "--sweep", help="Sweep id (default: the latest sweep)."),
@@ -167,14 +168,36 @@ def promote(experiment: str = typer.Argument(..., help="MLflow experiment name (
                                        "(recorded)."),
             tolerance: float = typer.Option(0.01, "--tolerance", help="How far the re-scored val Dice may lie "
                                             "from the trial's val/dice_best."),
-            min_margin: float = typer.Option(0.0, "--min-margin", help="How much it must beat the champion by.")) -> None:
+            min_margin: float = typer.Option(0.0, "--min-margin", help="How much it must beat the champion by."),
+            min_prompt_iou: Optional[str] = typer.Option(None, "--min-prompt-iou", help="Floors on its validation "
+                                                         "IoU per prompt kind, e.g. box=0.6,random_point=0.4 "
+                                                         "(see segtune robustness); below one, the gate fails."),
+            ensemble: bool = typer.Option(False, "--ensemble", help="A trial with repeats: register all its members "
+                                          "as one model averaging their logits (default: its best member).")) -> None:
     """Register the best finished trial as a self-contained model version (alias challenger) and
     judge its gates; --approve also makes it champion."""
     from segtune.commands import promote_best
+    from segtune.prompt_matrix import parse_floors
 
+    floors = parse_floors(min_prompt_iou)  # a malformed value fails before any request
     promote_best(tracking_uri, experiment, metric=metric, mode=mode, alias=alias, sweep_id=sweep_id,
                  run_id=run_id, name=name, approve=approve, reason=reason, force=force, tolerance=tolerance,
-                 min_margin=min_margin, log=say)
+                 min_margin=min_margin, min_prompt_iou=floors, ensemble=ensemble, log=say)
+
+
+@app.command()
+def robustness(source: str = typer.Argument(..., help="A run id (its checkpoints/best), or a registered model: "
+                                            "models:/NAME@ALIAS, NAME@ALIAS, NAME/VERSION."),
+               tracking_uri: str = ServerUriOpt,
+               split: str = typer.Option("val", "--split", help="The split to score (val; test only for reports: "
+                                         "promotion gates read val)."),
+               sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Score at most this many "
+                                                    "samples (default: the run's dataset.max_eval).")) -> None:
+    """Score a checkpoint under every prompt kind its model takes and with 1, 3 and 5 corrective
+    clicks; log robust/<prompt>/iou, a CSV and a heatmap on its run."""
+    from segtune.robustness import robustness as run_robustness
+
+    run_robustness(tracking_uri, source, split=split, sample=sample, log=say)
 
 
 @app.command()

@@ -122,6 +122,7 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
     checkpoint, each trial keeps its MLflow run.
     """
     from segtune.cluster import preflight
+    from segtune.robustness import score_finalists
     from segtune.trial import SweepContext, run_tags
     from segtune.tune import tune_trials
     from tracking.runs import (
@@ -183,6 +184,8 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
         if unsent:
             log(f"{len(unsent)} runs still hold data the tracking server did not take; deliver it later "
                 f"with: segtune sync --tracking-uri {cfg.tracking.uri} --spool {spool}")
+    if status == "FINISHED" and not unsent:  # the finalists' prompt-robustness matrix (segtune.robustness)
+        score_finalists(cfg, sweep_id, parent, log=log)
     return SweepOutcome(sweep_id, parent, closed, status == "KILLED", unsent or None, statuses)
 
 
@@ -262,18 +265,19 @@ def untrained_test_iou(cfg: ExperimentConfig, store: Path) -> float:
     return score_loader(build_model(cfg.model), test, accelerator=Accelerator(cpu=True))[0]["iou"]
 
 
-def promote_best(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: str = "max",
+def promote_best(uri: str, experiment: str, *, metric: str | None = None, mode: str = "max",
                  alias: str = "challenger", sweep_id: str | None = None, run_id: str | None = None,
                  name: str | None = None, approve: bool = False, reason: str | None = None,
                  force: bool = False, tolerance: float | None = None, min_margin: float = 0.0,
-                 log: Log = print):
+                 min_prompt_iou: dict[str, float] | None = None, ensemble: bool = False, log: Log = print):
     """`segtune promote`: register the best trial as a self-contained version under `alias`
     (challenger), judge its gates, and with `approve` make it champion (segtune.promotion)."""
     from segtune.promotion import RESCORE_TOLERANCE, promote
 
     p = promote(uri, experiment, metric=metric, mode=mode, alias=alias, sweep_id=sweep_id, run_id=run_id,
                 name=name, approve=approve, reason=reason, force=force,
-                tolerance=RESCORE_TOLERANCE if tolerance is None else tolerance, min_margin=min_margin, log=log)
+                tolerance=RESCORE_TOLERANCE if tolerance is None else tolerance, min_margin=min_margin,
+                min_prompt_iou=min_prompt_iou, ensemble=ensemble, log=log)
     verdict = "passed" if p.passed else "FAILED"
     log(f"{p.name} v{p.version}: gates {verdict} (sha256 {p.sha256[:12]}…, {p.metric}={p.value:.4f})")
     if p.approved:

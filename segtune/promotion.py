@@ -21,6 +21,7 @@ gates passed takes `champion` (`approve`; `force` overrides and is recorded).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import shutil
 import tempfile
@@ -112,39 +113,68 @@ def input_example(cfg: ExperimentConfig, kind: str | None = None, size: int = 32
     return example
 
 
-def rescore(model: Segmenter, cfg: ExperimentConfig, log: Log = print) -> tuple[float, int, str]:
+def rescore(model: Segmenter, cfg: ExperimentConfig, log: Log = print, *, repeat: dict[str, str] | None = None,
+            split: str = "val", metric: str = "dice") -> tuple[float, int, str]:
     """The model's mean validation Dice on the trial's data, prompts and samples, as the trial
-    scored it: (dice, samples, data hash)."""
+    scored it: (dice, samples, data hash). A member of a trial with repeats (`repeat`: its run's
+    tags) scored on the sweep's store (`segtune.data_seed`: the split's seed, not its train.seed)
+    and, with `segtune.fold`, on its fold's validation samples (segtune.data.folds). `split` and
+    `metric` score another split (an ensemble's test IoU)."""
     import torch
 
+    from segtune.data.folds import fold_view
     from segtune.loaders import eval_loader, eval_split
     from segtune.prepare import prepare_data
     from segtune.scoring import score_loader
 
-    store, data_hash = prepare_data(cfg, log)
+    repeat = repeat or {}
+    data_cfg = cfg
+    if repeat.get("segtune.data_seed"):
+        data_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": int(repeat["segtune.data_seed"])})})
+    store, data_hash = prepare_data(data_cfg, log)
+    if repeat.get("segtune.fold") and split == "val":
+        fold, k = (int(x) for x in repeat["segtune.fold"].split("/"))
+        store = fold_view(store, k, fold)
     # As the trial's validation loader: foreground-only where prompts need it, capped at max_eval.
     prompted = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"protocol": "prompted"})})
-    ds = eval_split(prompted, store, "val", cfg.dataset.max_eval)
+    ds = eval_split(prompted, store, split, cfg.dataset.max_eval)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics, _ = score_loader(model.to(device), eval_loader(prompted, ds), line=log,
-                              label="re-scoring the checkpoint on val")
-    return metrics["dice"], len(ds), data_hash
+                              label=f"re-scoring the checkpoint on {split}")
+    return metrics[metric], len(ds), data_hash
 
 
 def evaluate_gates(*, run, model: Segmenter, cfg: ExperimentConfig, metric: str, mode: str,
                    sha256: str, champion: Any, tolerance: float = RESCORE_TOLERANCE,
-                   min_margin: float = 0.0, log: Log = print) -> tuple[list[Gate], dict[str, Any]]:
-    """Judge a registered version: (gates, tags with the measured values)."""
+                   min_margin: float = 0.0, uri: str | None = None, min_prompt_iou: dict[str, float] | None = None,
+                   value: float | None = None, repeat: dict[str, str] | None = None,
+                   members: list[tuple[Any, ExperimentConfig]] | None = None,
+                   log: Log = print) -> tuple[list[Gate], dict[str, Any]]:
+    """Judge a registered version: (gates, tags with the measured values). `value`: its
+    selection metric's (a member's is its trial's); `repeat`: a member's run tags (see
+    `rescore`); `members`: an ensemble's (member run, config) pairs in `model.members`' order,
+    each of which must reproduce its own run's val/dice_best (`run` is their trial). With `min_prompt_iou`
+    (and the server's `uri`), also its validation IoU per prompt kind against those floors
+    (segtune.prompt_matrix.floor_gate: read off the run, or scored now and logged there)."""
+    import math
+
+    import numpy as np
+
     from segtune.errors import SegtuneError
     from tracking.errors import TrackingError
 
-    value = run.data.metrics[metric]
+    value = run.data.metrics[metric] if value is None else value
     gates = [Gate("checkpoint", True, f"sha256 `{sha256}` matches the trial's manifest")]
     tags: dict[str, Any] = {"segtune.data_hash": run.data.tags.get("segtune.data_hash", "")}
     trial_dice = run.data.metrics.get("val/dice_best")
     trial_hash = run.data.tags.get("segtune.data_hash")
     try:
-        dice, samples, data_hash = rescore(model, cfg, log)
+        if members:
+            scored = [rescore(sub, mcfg, log, repeat=mrun.data.tags) for sub, (mrun, mcfg) in
+                      zip(model.members, members, strict=True)]
+            dice, samples, data_hash = float(np.mean([d for d, _, _ in scored])), scored[0][1], scored[0][2]
+        else:
+            dice, samples, data_hash = rescore(model, cfg, log, repeat=repeat)
     except (SegtuneError, TrackingError, OSError) as err:
         reason = f"could not re-score on the validation split: {err}"
         gates += [Gate("data", False, reason), Gate("rescore", False, reason)]
@@ -155,6 +185,13 @@ def evaluate_gates(*, run, model: Segmenter, cfg: ExperimentConfig, metric: str,
                           + f" the trial's `{trial_hash}`"))
         if trial_dice is None:
             gates.append(Gate("rescore", False, "the trial logged no val/dice_best to compare with"))
+        elif members:
+            gaps = [abs(d - mrun.data.metrics.get("val/dice_best", math.nan)) for (d, _, _), (mrun, _) in
+                    zip(scored, members, strict=True)]
+            passed = all(g <= tolerance for g in gaps)  # NaN (no val/dice_best) fails
+            gates.append(Gate("rescore", passed, "each member inside the registered ensemble vs its run's val/dice_best "
+                              "on its own validation samples: |difference| " + ", ".join(f"{g:.4f}" for g in gaps)
+                              + f" {'<=' if passed else 'not all <='} {tolerance:g}"))
         else:
             gap = abs(dice - trial_dice)
             gates.append(Gate("rescore", gap <= tolerance,
@@ -175,6 +212,17 @@ def evaluate_gates(*, run, model: Segmenter, cfg: ExperimentConfig, metric: str,
         gates.append(Gate("margin", margin >= min_margin,
                           f"{metric} {value:.4f} vs champion v{champion.version}'s {theirs:.4f}: "
                           f"{margin:+.4f} ({'>=' if margin >= min_margin else '<'} {min_margin:g})"))
+    if min_prompt_iou and uri:
+        from segtune.prepare import prepare_data
+        from segtune.prompt_matrix import floor_gate
+
+        try:
+            gate, robust = floor_gate(uri, run, model, cfg, min_prompt_iou, store=lambda: prepare_data(cfg, log)[0],
+                                      line=log)
+        except (SegtuneError, TrackingError, OSError) as err:
+            gate, robust = Gate("prompt_iou", False, f"could not score the prompt kinds: {err}"), {}
+        gates.append(gate)
+        tags.update(robust)
     return gates, tags
 
 
@@ -197,44 +245,91 @@ def gate_report(p: Promotion, run, cfg: ExperimentConfig, gates: list[Gate]) -> 
             f"{', '.join(PROMPT_KINDS.get(cfg.model.name, ()))}).\n\n{nxt}\n")
 
 
-def promote(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: str = "max",
+def _ensemble_folder(folder: Path, members: list[Path]) -> Path:
+    """`folder` (holding the members' full checkpoints) as one registered model: ENSEMBLE names
+    them, one manifest covers every file."""
+    import json
+
+    from segtune.serving import ENSEMBLE
+    from tracking.artifacts import write_manifest
+
+    (folder / ENSEMBLE).write_text(json.dumps({"members": [m.name for m in members]}))
+    write_manifest(folder)
+    return folder
+
+
+def promote(uri: str, experiment: str, *, metric: str | None = None, mode: str = "max",
             alias: str = CHALLENGER, sweep_id: str | None = None, run_id: str | None = None,
             name: str | None = None, approve: bool = False, reason: str | None = None, force: bool = False,
-            tolerance: float = RESCORE_TOLERANCE, min_margin: float = 0.0, log: Log = print) -> Promotion:
+            tolerance: float = RESCORE_TOLERANCE, min_margin: float = 0.0,
+            min_prompt_iou: dict[str, float] | None = None, ensemble: bool = False,
+            log: Log = print) -> Promotion:
     """Register the best (or the given) trial as a self-contained version under `alias`, record
-    its gates, and with `approve` move `champion` to it when they passed (or `force`)."""
+    its gates, and with `approve` move `champion` to it when they passed (or `force`).
+
+    `metric` None: `val/dice_lcb` for a sweep with repeats, else `val/dice_best`. A trial with
+    members registers its best member's checkpoint (highest val/dice_best), or with `ensemble`
+    all of its members as one model averaging their logits, its test IoU recorded on the version."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from segtune.checkpoint import load_model, read_state, write_full
+    from segtune.checkpoint import read_state, write_full
     from segtune.config import validate
     from segtune.errors import CheckpointError
+    from segtune.serving import load_registered
     from tracking import registry
     from tracking.artifacts import verify_manifest
+    from tracking.errors import TrackingError
     from tracking.redact import redact
-    from tracking.runs import quiet_mlflow
+    from tracking.runs import member_runs, quiet_mlflow
     from tracking.server import check_server
 
     registry.check_alias(alias)
     check_server(uri)
     quiet_mlflow()
+    metric = metric or registry.selection_metric(uri, experiment, sweep_id=sweep_id, run_id=run_id)
     run = registry.select_run(uri, experiment, metric=metric, mode=mode, sweep_id=sweep_id, run_id=run_id)
-    rid, value = run.info.run_id, run.data.metrics[metric]
+    rid, value, trial = run.info.run_id, run.data.metrics[metric], run
+    member = registry.best_member(uri, trial)  # None: a trial without repeats
+    sources = [member] if member is not None else [run]
+    if ensemble:
+        if member is None:
+            raise TrackingError(f"--ensemble: run {rid} has no members; only trials of a sweep with "
+                                "search.repeats can be promoted as an ensemble.")
+        sources = [m for m in member_runs(uri, trial) if m.info.status == "FINISHED"]
+    elif member is not None:
+        run, rid = member, member.info.run_id
+        log(f"trial {trial.info.run_id} ({metric}={value:.4f}): registering its best member, "
+            f"{member.data.tags.get('segtune.member')} (val/dice_best {member.data.metrics['val/dice_best']:.4f})")
     name = name or registry.registered_name(run)
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory(prefix="segtune-promote-") as tmp:
-        ckpt, sha = registry.fetch_checkpoint(uri, rid, Path(tmp) / "trial")
-        log(f"checkpoint of run {rid} verified (sha256 {sha[:12]}…)")
-        try:
-            full = write_full(ckpt, Path(tmp) / "model", extra={"source": {"run_id": rid, "sha256": sha}})
-        except CheckpointError as err:
-            raise CheckpointError(f"{err} Promotion merges the trial's weights with its base model, so "
-                                  "it runs where model.checkpoint's file is.") from None
-        cfg = validate(read_state(full)["config"], f"{full}/state.json")
+        fulls, shas = [], []
+        for i, src in enumerate(sources):
+            src_id = src.info.run_id
+            ckpt, sha = registry.fetch_checkpoint(uri, src_id, Path(tmp) / f"trial_{i}")
+            log(f"checkpoint of run {src_id} verified (sha256 {sha[:12]}…)")
+            dst = Path(tmp) / "model" / f"member_{i}" if ensemble else Path(tmp) / "model"
+            try:
+                fulls.append(write_full(ckpt, dst, extra={"source": {"run_id": src_id, "sha256": sha}}))
+            except CheckpointError as err:
+                raise CheckpointError(f"{err} Promotion merges the trial's weights with its base model, so "
+                                      "it runs where model.checkpoint's file is.") from None
+            shas.append(sha)
+        full, sha = fulls[0], shas[0]
+        if ensemble:
+            full = _ensemble_folder(Path(tmp) / "model", fulls)
+            sha = hashlib.sha256(",".join(shas).encode()).hexdigest()
+        member_cfgs = [validate(read_state(f)["config"], f"{f}/state.json") for f in fulls]
+        cfg = member_cfgs[0]
         tags = {"segtune.run_id": rid, "segtune.metric": metric, "segtune.metric_value": value,
                 "segtune.sha256": sha, "segtune.trial_id": run.data.tags.get("segtune.trial_id", ""),
                 "segtune.sweep_id": run.data.tags.get("segtune.sweep_id", ""),
                 "segtune.prompt_kinds": ",".join(answered_kinds(cfg))}
+        if member is not None:
+            tags.update({"segtune.trial_run_id": trial.info.run_id,
+                         "segtune.member": "ensemble" if ensemble else member.data.tags.get("segtune.member", ""),
+                         "segtune.members": ",".join(m.info.run_id for m in sources)})
         version = registry.register(
             uri, run, name, code_path=SERVING_CODE, artifacts={"model": str(full)},
             code_paths=_code_paths(Path(tmp) / "code"), pip_requirements=pinned_requirements(),
@@ -254,11 +349,20 @@ def promote(uri: str, experiment: str, *, metric: str = "val/dice_best", mode: s
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/artifacts/model", dst_path=tmp,
                                                          tracking_uri=uri))
         verify_manifest(local)
-        registered, _ = load_model(local)
+        registered, _ = load_registered(local)
     champion = registry.champion_of(client, name)
     p.gates, measured = evaluate_gates(run=run, model=registered, cfg=cfg, metric=metric,
                                        mode=mode, sha256=sha, champion=champion, tolerance=tolerance,
-                                       min_margin=min_margin, log=log)
+                                       min_margin=min_margin, uri=uri, min_prompt_iou=min_prompt_iou,
+                                       value=value, repeat=None if ensemble else run.data.tags,
+                                       members=list(zip(sources, member_cfgs, strict=True)) if ensemble else None,
+                                       log=log)
+    if ensemble:  # what averaging bought, on the split no selection looked at
+        iou, samples, _ = rescore(registered, cfg, log, split="test", metric="iou")
+        measured.update({"segtune.ensemble_test_iou": f"{iou:.6f}", "segtune.ensemble_test_samples": samples,
+                         "segtune.members_test_iou_mean": trial.data.metrics.get("test/iou_mean", "")})
+        log(f"ensemble of {len(sources)} members: test IoU {iou:.4f} on {samples} samples (members' mean "
+            f"{trial.data.metrics.get('test/iou_mean', float('nan')):.4f})")
     registry.record_gates(uri, name, version, rid, p.gates, gate_report(p, run, cfg, p.gates), measured)
     for g in p.gates:
         log(f"  gate {g.name}: {'passed' if g.passed else 'FAILED'} — {redact(g.detail)}")
