@@ -26,7 +26,8 @@ test: venv
 test-real: venv
 	$(BIN)/python -m pytest -q -rs -m real
 
-# The chaos test (a sweep SIGKILLed 5 times and resumed, about two minutes); .ci/run runs it too.
+# The long reliability tests (a sweep SIGKILLed 5 times and resumed; a sweep with repeats
+# interrupted and resumed; a few minutes); .ci/run runs them too.
 .PHONY: test-chaos
 test-chaos: venv
 	$(BIN)/python -m pytest -q -rs -m chaos

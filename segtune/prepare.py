@@ -25,6 +25,23 @@ def prepare_data(cfg: ExperimentConfig, log: Log = print) -> tuple[Path, str]:
     return store.resolve(), open_store(store).hash
 
 
+def prepare_run_data(cfg: ExperimentConfig, tags: dict[str, str], split: str = "val",
+                     log: Log = print) -> tuple[Path, str]:
+    """The store a finished run was scored on, from its config and tags: for a member of a trial
+    with repeats (segtune.repeats), the sweep's store (`segtune.data_seed`, not the member's own
+    train.seed) and, with `segtune.fold`, that fold's validation samples (segtune.data.folds).
+    Returns the store (or fold view) and the store's content hash."""
+    from segtune.data.folds import fold_view
+
+    if tags.get("segtune.data_seed"):
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": int(tags["segtune.data_seed"])})})
+    store, data_hash = prepare_data(cfg, log)
+    if tags.get("segtune.fold") and split == "val":
+        fold, k = (int(x) for x in tags["segtune.fold"].split("/"))
+        store = fold_view(store, k, fold)
+    return store, data_hash
+
+
 def check_experiment(cfg: ExperimentConfig) -> None:
     """Everything about an experiment that can be judged before data or models are built: the
     registry names, and whether model, prompts and data fit together. Every command calls it first."""

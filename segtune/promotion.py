@@ -122,19 +122,11 @@ def rescore(model: Segmenter, cfg: ExperimentConfig, log: Log = print, *, repeat
     `metric` score another split (an ensemble's test IoU)."""
     import torch
 
-    from segtune.data.folds import fold_view
     from segtune.loaders import eval_loader, eval_split
-    from segtune.prepare import prepare_data
+    from segtune.prepare import prepare_run_data
     from segtune.scoring import score_loader
 
-    repeat = repeat or {}
-    data_cfg = cfg
-    if repeat.get("segtune.data_seed"):
-        data_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": int(repeat["segtune.data_seed"])})})
-    store, data_hash = prepare_data(data_cfg, log)
-    if repeat.get("segtune.fold") and split == "val":
-        fold, k = (int(x) for x in repeat["segtune.fold"].split("/"))
-        store = fold_view(store, k, fold)
+    store, data_hash = prepare_run_data(cfg, repeat or {}, split, log)
     # As the trial's validation loader: foreground-only where prompts need it, capped at max_eval.
     prompted = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"protocol": "prompted"})})
     ds = eval_split(prompted, store, split, cfg.dataset.max_eval)
@@ -213,12 +205,12 @@ def evaluate_gates(*, run, model: Segmenter, cfg: ExperimentConfig, metric: str,
                           f"{metric} {value:.4f} vs champion v{champion.version}'s {theirs:.4f}: "
                           f"{margin:+.4f} ({'>=' if margin >= min_margin else '<'} {min_margin:g})"))
     if min_prompt_iou and uri:
-        from segtune.prepare import prepare_data
+        from segtune.prepare import prepare_run_data
         from segtune.prompt_matrix import floor_gate
 
-        try:
-            gate, robust = floor_gate(uri, run, model, cfg, min_prompt_iou, store=lambda: prepare_data(cfg, log)[0],
-                                      line=log)
+        try:  # a member of a trial with repeats: scored on the sweep's split, as it trained
+            gate, robust = floor_gate(uri, run, model, cfg, min_prompt_iou,
+                                      store=lambda: prepare_run_data(cfg, run.data.tags, "val", log)[0], line=log)
         except (SegtuneError, TrackingError, OSError) as err:
             gate, robust = Gate("prompt_iou", False, f"could not score the prompt kinds: {err}"), {}
         gates.append(gate)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from segtune.config import ExperimentConfig
 from segtune.errors import CheckpointError, ConfigError, SegtuneError
-from segtune.prepare import Log, prepare_data
+from segtune.prepare import Log, prepare_run_data
 from segtune.prompt_matrix import Matrix, record, score_matrix
 from tracking.robust_figures import Row
 
@@ -64,12 +64,14 @@ def score_run(uri: str, run_id: str | None = None, *, model_uri: str | None = No
         raise CheckpointError(f"{source}: the registered version names no run it came from (no segtune.run_id "
                               "tag); score the trial run instead: segtune robustness RUN_ID.")
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
-    store, _ = prepare_data(cfg, log)
-    cap = sample if sample is not None else cfg.dataset.max_eval
-    matrix = score_matrix(model.to(_device()), cfg, store, split=split, sample=cap, line=log)
     from mlflow.tracking import MlflowClient
 
-    trial_id = MlflowClient(uri).get_run(source_run).data.tags.get("segtune.trial_id", "")
+    tags = MlflowClient(uri).get_run(source_run).data.tags
+    # A member of a trial with repeats is scored on the sweep's split (and its fold), as it trained.
+    store, _ = prepare_run_data(cfg, tags, split, log)
+    cap = sample if sample is not None else cfg.dataset.max_eval
+    matrix = score_matrix(model.to(_device()), cfg, store, split=split, sample=cap, line=log)
+    trial_id = tags.get("segtune.trial_id", "")
     rows = record(uri, source_run, matrix, cfg, trial_id)
     return RobustResult(source_run, matrix, cfg, rows)
 
@@ -101,6 +103,7 @@ def score_finalists(cfg: ExperimentConfig, sweep_id: str, parent_run_id: str, lo
     sweep's own results stand.
     """
     from tracking.errors import TrackingError
+    from tracking.registry import best_member
     from tracking.robust_figures import log_tables
     from tracking.runs import PRUNED, UNREACHABLE, trial_runs
 
@@ -119,7 +122,11 @@ def score_finalists(cfg: ExperimentConfig, sweep_id: str, parent_run_id: str, lo
     for run in runs[: cfg.search.finalists]:
         rid = run.info.run_id
         try:
-            results.append(score_run(uri, rid, sample=cfg.dataset.max_eval, log=log))
+            # A trial with repeats keeps its checkpoints on its members: its best member is the
+            # one promotion registers, so that is the one scored.
+            member = best_member(uri, run)
+            results.append(score_run(uri, member.info.run_id if member else rid, sample=cfg.dataset.max_eval,
+                                     log=log))
         except (SegtuneError, TrackingError, *UNREACHABLE) as err:
             log(f"robustness of trial {run.data.tags.get('segtune.trial_id', rid)} skipped: {err}")
             continue

@@ -30,9 +30,9 @@ POINTS = ("random_point", "center_point", "k_points")
 #: is built: SAM and PA-SAM points and boxes (`none`: SAM's automatic mask generator), MedSAM
 #: the box it was fine-tuned with (its published recipe), CLIPSeg text.
 PROMPT_KINDS: dict[str, tuple[str, ...]] = {
-    "sam": (*POINTS, "box", "none"),
-    "medsam": ("box",),
-    "pasam": (*POINTS, "box"),
+    "sam": (*POINTS, "box", "jittered_box", "none"),
+    "medsam": ("box", "jittered_box"),
+    "pasam": (*POINTS, "box", "jittered_box"),
     "clipseg": ("text",),
 }
 

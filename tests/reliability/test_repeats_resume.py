@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.reliability.harness import check_complete, start, wait_for_metric, write_experiment
 
 
+@pytest.mark.chaos  # minutes of CPU: run by `make test-chaos` (and CI), beside the SIGKILL test
 def test_ctrl_c_then_resume_completes_every_member_once(tmp_path, em_data, mlflow_server) -> None:
     uri, name = mlflow_server.uri, "resume-repeats"
     file = write_experiment(tmp_path, em_data, uri, name, samples=2, epochs=3, scheduler="fifo")
