@@ -263,12 +263,15 @@ def runs(experiment: str = typer.Argument(..., help="MLflow experiment name."),
 def demo(tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                     help="Use this MLflow server instead of starting a local one."),
          quick: bool = typer.Option(False, "--quick", help="3 short trials per pair on fewer patches (about a minute)."),
+         repeats: bool = typer.Option(False, "--repeats", help="3 seeds per configuration (a third as many "
+                                      "configurations), champion by val/dice_lcb."),
          home: Path = HomeOpt,
          set_: Optional[List[str]] = SetOpt) -> None:
     """Synthetic EM data -> local MLflow server -> sweeps of a tiny SAM and a tiny CLIPSeg -> champions."""
     from segtune.demo import run_demo
 
-    run_demo(DEMO_FILES, tracking_uri=tracking_uri, quick=quick, home=home, overrides=set_ or [], log=say)
+    run_demo(DEMO_FILES, tracking_uri=tracking_uri, quick=quick, home=home, overrides=set_ or [], repeats=repeats,
+             log=say)
 
 
 @server_app.command("start")

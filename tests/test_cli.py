@@ -108,7 +108,9 @@ def test_server_status_without_server(tmp_path: Path) -> None:
 
 
 def test_demo_quick_end_to_end(tmp_path: Path, mlflow_server) -> None:
-    res = cli("demo", "--quick", "--tracking-uri", mlflow_server.uri,
+    """`segtune demo --quick --repeats` (the plain `--quick` runs in tests/test_install.py, from the
+    wheel): one configuration of 3 seeds per pair, sweep -> trial -> member runs, champion a member."""
+    res = cli("demo", "--quick", "--repeats", "--tracking-uri", mlflow_server.uri,
               "--set", "tracking.experiment=demo-quick-test", cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
@@ -123,12 +125,21 @@ def test_demo_quick_end_to_end(tmp_path: Path, mlflow_server) -> None:
     for pair in ("sam_tiny", "clipseg_tiny"):
         version = client.get_model_version_by_alias(f"segtune-{pair}-synthetic_em", "champion")
         champion = client.get_run(version.tags["segtune.run_id"])
-        assert champion.data.tags["segtune.kind"] == "trial"
+        assert champion.data.tags["segtune.kind"] == "member"  # the best member of the LCB's best trial
         assert champion.data.tags["segtune.model"] == pair
     exp = client.get_experiment_by_name("demo-quick-test")
     runs = client.search_runs([exp.experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)
-    assert sum(r.data.tags.get("segtune.kind") == "trial" for r in runs) == 6  # 3 per pair
+    by_id = {r.info.run_id: r for r in runs}
+    kind = {r.info.run_id: r.data.tags.get("segtune.kind") for r in runs}
+    parent = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
+    trials = [rid for rid, k in kind.items() if k == "trial"]
+    members = [rid for rid, k in kind.items() if k == "member"]
+    assert len(trials) == 2 and len(members) == 6  # 1 configuration x 3 seeds per pair
+    assert all(kind[parent[t]] == "sweep" for t in trials)  # three levels: sweep -> trial -> member
+    assert all(parent[m] in trials for m in members)
+    for t in trials:
+        assert {"val/dice_mean", "val/dice_std", "val/dice_lcb"} <= set(by_id[t].data.metrics)
 
 
 def test_train_runs_one_trial_without_ray(tmp_path: Path, em_data: Path, mlflow_server) -> None:
