@@ -138,7 +138,7 @@ def score_finalists(cfg: ExperimentConfig, sweep_id: str, parent_run_id: str, lo
 
         rows = [row for r in results for row in r.rows]
         try:
-            log_tables(MlflowClient(uri), parent_run_id, rows, f"sweep {sweep_id}: {len(results)} finalists, "
+            log_tables(MlflowClient(uri), parent_run_id, rows, f"sweep {sweep_id}: {len(results)} finalist{'' if len(results) == 1 else 's'}, "
                        f"IoU by train and eval prompt ({results[0].matrix.split})")
         except UNREACHABLE as err:
             log(f"the finalists' robustness heatmap was not logged on the sweep's run: {err}")
