@@ -26,8 +26,8 @@ test: venv
 test-real: venv
 	$(BIN)/python -m pytest -q -rs -m real
 
-# The long reliability tests (a sweep SIGKILLed 5 times and resumed; a sweep with repeats
-# interrupted and resumed; a few minutes); .ci/run runs them too.
+# The long reliability tests (marker `chaos`): sweeps SIGKILLed, Ctrl-C'd, resumed, their server
+# restarted, their workers killed; about ten minutes. .ci/run runs them after `make test`.
 .PHONY: test-chaos
 test-chaos: venv
 	$(BIN)/python -m pytest -q -rs -m chaos

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -52,6 +53,7 @@ def test_a_sweep_whose_every_trial_failed_exits_2_with_the_table(tmp_path, em_da
     assert {r.info.status for r in trial_runs(uri, name)} == {"FAILED"}
 
 
+@pytest.mark.chaos  # a worker SIGKILLed mid-trial and retried: `make test-chaos` (CI runs it too)
 def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, em_data, mlflow_server) -> None:
     uri, name = mlflow_server.uri, "retry-trial"
     file = write_experiment(tmp_path, em_data, uri, name, samples=1, epochs=8, scheduler="fifo")
@@ -74,6 +76,7 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(tmp_path, em_da
     assert int(run.data.tags["segtune.resumed_from_epoch"]) >= 2
 
 
+@pytest.mark.chaos
 def test_killed_rank_zero_of_a_multi_worker_trial_resumes_from_ray_trains_checkpoint(tmp_path, em_data,
                                                                                     mlflow_server) -> None:
     """A data-parallel trial (2 gloo workers) whose rank 0 dies: Tune retries the trial, and its new

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -12,6 +13,7 @@ from tests.reliability.harness import check_complete, start, wait_for_metric, wr
 from tracking.server import start_server, stop_server
 
 
+@pytest.mark.chaos  # a ten-epoch sweep around a server restart: `make test-chaos` (CI runs it too)
 def test_mid_sweep_outage_loses_and_duplicates_nothing(tmp_path, em_data) -> None:
     home = tmp_path / "mlflow"
     server = start_server(home)

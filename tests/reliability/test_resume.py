@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.reliability.harness import (
@@ -16,6 +17,9 @@ from tests.reliability.harness import (
     wait_for_metric,
     write_experiment,
 )
+
+# Sweeps interrupted and resumed take minutes of CPU each: `make test-chaos` (CI runs it too).
+pytestmark = pytest.mark.chaos
 
 
 def test_ctrl_c_saves_state_marks_runs_killed_and_resume_finishes(tmp_path, em_data, mlflow_server) -> None:

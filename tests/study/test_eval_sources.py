@@ -91,4 +91,4 @@ def test_exactly_one_source_and_clear_errors(trained, twin_runs) -> None:
 
     with pytest.raises(ConfigError, match="exactly one"):
         eval_command(FILE, zero_shot=True, checkpoint=None, run=run_id, model=None, split=None,
-                     tracking_uri=None, set_=None)
+                     tracking_uri=None, set_=None, show_config=False)
