@@ -84,6 +84,10 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file; with --re
                                                 "default RAY_ADDRESS, else a local Ray."),
           resume: bool = typer.Option(False, "--resume", help="Continue the latest unfinished sweep of FILE, or the "
                                       "sweep whose folder (under search.storage_path) FILE is."),
+          warm_start: Optional[str] = typer.Option(None, "--warm-start", metavar="EXPERIMENT|auto", help=(
+              "Give the searcher the finished trials of the same model, dataset, freeze policy and prompt "
+              "in this MLflow experiment (`auto`: the file's tracking.experiment) before its first "
+              "suggestion; configurations that finished there are not run again.")),
           set_: Optional[List[str]] = SetOpt,
           show_config: bool = PrintConfigOpt) -> None:
     """Run a hyperparameter sweep (Ray Tune + Optuna TPE + ASHA), each trial an MLflow child run.
@@ -101,7 +105,7 @@ def sweep(file: Path = typer.Argument(..., help="Experiment YAML file; with --re
         cfg = _load(file, set_, tracking_uri)
     if show_config:
         print_config(cfg)
-    outcome = run_sweep(cfg, address=address, resume=target, log=say)
+    outcome = run_sweep(cfg, address=address, resume=target, warm_start=warm_start, log=say)
     print_runs(cfg.tracking.uri, cfg.tracking.experiment, outcome.sweep_id)
     from tracking.urls import experiment_runs_url
 

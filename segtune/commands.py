@@ -114,13 +114,17 @@ def _record(cfg: ExperimentConfig, sweep_id: str) -> None:
 
 
 def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool | str = False,
-              log: Log = print) -> SweepOutcome:
+              warm_start: str | None = None, log: Log = print) -> SweepOutcome:
     """Run a whole sweep: check the server, prepare data, open the parent run, tune, close runs.
 
     `resume=True` continues the latest unfinished sweep of this experiment file (a sweep id
     continues that one): finished trials stay done, unfinished ones continue from their last
-    checkpoint, each trial keeps its MLflow run.
+    checkpoint, each trial keeps its MLflow run. `warm_start` (an experiment name, or `auto`
+    for the file's own) seeds a new sweep's searcher with the finished trials of the same model,
+    dataset, freeze policy and prompt there (segtune.warm_start).
     """
+    from segtune import warm_start as warm_starts
+    from segtune.budget import budget_stopped
     from segtune.cluster import preflight
     from segtune.robustness import score_finalists
     from segtune.trial import SweepContext, run_tags
@@ -128,9 +132,12 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
     from tracking.runs import (
         close_open_trials,
         end_sweep_run,
+        log_run_json,
+        log_run_values,
         quiet_mlflow,
         reopen_run,
         start_sweep_run,
+        sweep_costs,
     )
     from tracking.server import check_server
     from tracking.spool import deliver_all
@@ -143,30 +150,39 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
     target = _resume_target(cfg, resume)
     store, data_hash = prepare_data(cfg, log)
     sha = git_sha()
+    warm = None
     if target is None:
+        if warm_start:
+            warm = warm_starts.load(cfg, cfg.tracking.experiment if warm_start == "auto" else warm_start, log)
         sweep_id = uuid.uuid4().hex[:8]
         _record(cfg, sweep_id)
         params = {**flatten(cfg), **{f"search.space.{k}": v.model_dump(exclude_none=True)
                                      for k, v in cfg.search.space.items()},
                   "search.num_samples": cfg.search.num_samples, "search.scheduler": cfg.search.scheduler}
+        if cfg.search.budget_gpu_hours is not None:
+            params["search.budget_gpu_hours"] = cfg.search.budget_gpu_hours
         parent = start_sweep_run(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, params,
                                  name=f"sweep {cfg.model.key} {cfg.dataset.name} [{sweep_id}]",
                                  description=sweep_description(cfg, sweep_id, sha),
                                  tags={**run_tags(cfg, git_sha=sha, data_hash=data_hash, store=store),
-                                       "segtune.name": cfg.name, "segtune.space_hash": space_hash(cfg)})
+                                       "segtune.name": cfg.name, "segtune.space_hash": space_hash(cfg),
+                                       **_warm_tags(warm)})
+        if warm is not None:
+            log_run_json(cfg.tracking.uri, parent, warm.record(), WARM_START_FILE)
         log(f"sweep {sweep_id}: {cfg.search.num_samples} trials of {cfg.model.key} on {cfg.dataset.name}, "
             f"{cfg.search.max_concurrent} at a time; parent run {parent}")
     else:
         sweep_id, parent = target
         reopen_run(cfg.tracking.uri, parent)
-        log(f"resuming sweep {sweep_id} (parent run {parent})")
+        log(f"resuming sweep {sweep_id} (parent run {parent})"
+            + ("; --warm-start is for new sweeps: the resumed searcher keeps its own history" if warm_start else ""))
     spool = str(Path(cfg.tracking.spool_dir).resolve())
     shared = SweepContext(store=str(store), data_hash=data_hash, sweep_id=sweep_id, parent_run_id=parent,
                           git_sha=sha, spool_dir=spool)
     statuses: dict[str, str] | None = None
     status = "FAILED"
     try:
-        statuses = tune_trials(cfg, shared, address=address, log=log)
+        statuses = tune_trials(cfg, shared, address=address, warm=warm, log=log)
         interrupted = any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
         status = "KILLED" if interrupted else "FINISHED"
     except KeyboardInterrupt:
@@ -177,6 +193,12 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
         # Deliver what trials spooled while the server was away, before judging open runs.
         unsent = {k: v for k, v in deliver_all(cfg.tracking.uri, Path(spool)).items() if isinstance(v, str)}
         closed = close_open_trials(cfg.tracking.uri, cfg.tracking.experiment, sweep_id, statuses)
+        stopped = budget_stopped(sweep_id)
+        costs = sweep_costs(cfg.tracking.uri, cfg.tracking.experiment, sweep_id)
+        log_run_values(cfg.tracking.uri, parent, costs, {"segtune.budget_stopped": "true"} if stopped else None)
+        if stopped is not None:
+            log(f"sweep {sweep_id}: stopped launching trials at {stopped:.4g} of search.budget_gpu_hours="
+                f"{cfg.search.budget_gpu_hours:g}; {len(statuses or {})} of {cfg.search.num_samples} trials ran")
         end_sweep_run(cfg.tracking.uri, parent, best_summary(cfg, sweep_id), status)
         if status == "KILLED":
             log(f"sweep {sweep_id} interrupted; its state is saved. Continue it with: "
@@ -186,7 +208,28 @@ def run_sweep(cfg: ExperimentConfig, *, address: str | None = None, resume: bool
                 f"with: segtune sync --tracking-uri {cfg.tracking.uri} --spool {spool}")
     if status == "FINISHED" and not unsent:  # the finalists' prompt-robustness matrix (segtune.robustness)
         score_finalists(cfg, sweep_id, parent, log=log)
+        try:  # importance, parallel coordinates, a narrowed space (segtune.insight): never fails the sweep
+            from segtune.insight import what_mattered
+
+            what_mattered(cfg, sweep_id, parent, log=log)
+        except Exception as err:
+            log(f"what mattered in sweep {sweep_id} was not logged: {type(err).__name__}: {err}")
     return SweepOutcome(sweep_id, parent, closed, status == "KILLED", unsent or None, statuses)
+
+
+WARM_START_FILE = "warm_start.json"  # on the sweep run: the runs that seeded it, and those skipped
+
+
+def _warm_tags(warm) -> dict[str, str]:
+    """The sweep run's tags naming the runs that seeded its searcher (the whole list, with the
+    skipped ones and why, is its `warm_start.json`)."""
+    if warm is None:
+        return {}
+    runs = ",".join(warm.run_ids)
+    return {"segtune.warm_start.experiment": warm.experiment, "segtune.warm_start.count": str(len(warm.run_ids)),
+            "segtune.warm_start.skipped": str(len(warm.skipped)),
+            # MLflow keeps tags up to 8000 characters: about 240 run ids.
+            "segtune.warm_start.runs": runs if len(runs) <= 7000 else f"{len(warm.run_ids)} runs: see {WARM_START_FILE}"}
 
 
 def _await_server(uri: str, log: Log, patience: float = 120.0) -> None:

@@ -214,6 +214,10 @@ class SearchConfig(_Section):
     # The best trials by val/dice_best scored under every prompt kind after the sweep
     # (segtune.robustness); 0 turns it off.
     finalists: int = Field(3, ge=0)
+    # Stop launching new trials once the sweep's trials have spent this much (finished trials'
+    # GPUs x wall time plus running trials' so far; CPU-hours for a sweep without GPUs). Running
+    # trials finish (segtune.budget).
+    budget_gpu_hours: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _repeat_metric(self) -> SearchConfig:

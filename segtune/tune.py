@@ -6,6 +6,9 @@ Each trial (`_trial`) opens its own MLflow child run under the sweep's parent ru
 no Ray MLflow callback, so there is exactly one run per trial — and calls `train.run_trial`;
 a trial with `resources.workers` above 1 runs as a Ray Train trainer (segtune.distributed), and
 one with `search.repeats` runs its K members (segtune.repeats): one trial to Tune all the same.
+Each trial logs its cost (segtune.budget) as it goes; the searcher (segtune.searcher) is seeded
+with a warm start's finished trials, launches no finished configuration again, and stops
+launching once `search.budget_gpu_hours` is spent.
 `build_tuner` and `ray_session` are shared with the prompt search (segtune.prompt_search).
 """
 
@@ -25,14 +28,17 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from segtune.budget import BudgetClock, cost_metrics, open_ledger, unit
 from segtune.checkpoint import first_intact
 from segtune.cluster import connect, experiment_dir, storage_uri
 from segtune.config import ExperimentConfig, SearchDim, apply_params, validate
 from segtune.distributed import release_orphaned_groups, run_distributed
 from segtune.errors import ConfigError
 from segtune.repeats import MEMBER_DIR, run_repeats
+from segtune.searcher import SweepSearcher
 from segtune.train import TrialContext, run_trial
 from segtune.trial import SweepContext, open_sweep_trial, tracked, trial_client_env, trial_log
+from segtune.warm_start import WarmStart, point_key
 
 
 def tune_space(space: dict[str, SearchDim]) -> dict[str, Any]:
@@ -67,12 +73,16 @@ def max_epochs(cfg: ExperimentConfig) -> int:
 def _trial(params: dict[str, Any], *, base: dict, shared: SweepContext) -> None:
     """One Tune trial: the sampled params applied to the base config, then `run_trial`."""
     trial_client_env()
+    started = time.monotonic()
     cfg = apply_params(validate(base, "sweep config"), params)
     tctx = tune.get_context()
     trial_id, workdir = tctx.get_trial_id(), Path(tctx.get_trial_dir())
     with trial_log(workdir) as log:
         if cfg.resources.workers > 1:
-            run_distributed(cfg, params, base, shared, trial_id, log)
+            try:
+                run_distributed(cfg, params, base, shared, trial_id, log)
+            finally:
+                _log_distributed_cost(cfg, shared, trial_id, time.monotonic() - started, log)
             return
         node_id = ray.get_runtime_context().get_node_id()
         tracker = open_sweep_trial(cfg, shared, trial_id, node_id=node_id)
@@ -80,6 +90,10 @@ def _trial(params: dict[str, Any], *, base: dict, shared: SweepContext) -> None:
         resume_from = _restorable(tune.get_checkpoint(), workdir / "restored", log, members)
 
         def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
+            # The cost so far, on the run before Tune sees the epoch: this report may be the last.
+            cost = cost_metrics(cfg, time.monotonic() - started, tracker.metrics_at_open)
+            tracker.log_metrics(cost, step=tracker.next_step("cost/gpu_hours"))
+            tracker.flush()
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
         if members:
@@ -94,6 +108,18 @@ def _trial(params: dict[str, Any], *, base: dict, shared: SweepContext) -> None:
         # being interrupted. Only the driver knows which, so it closes the run (commands.run_sweep).
         with tracked(tracker, passes=(SystemExit,)):
             run_trial(cfg, ctx)
+
+
+def _log_distributed_cost(cfg: ExperimentConfig, shared: SweepContext, trial_id: str, seconds: float,
+                          log: Callable[[str], None]) -> None:
+    """A multi-worker trial's cost, from the process that drove its trainer (rank 0 holds the run)."""
+    from tracking.runs import UNREACHABLE, log_trial_values
+
+    try:
+        log_trial_values(cfg.tracking.uri, cfg.tracking.experiment, shared.sweep_id, trial_id,
+                         cost_metrics(cfg, seconds))
+    except UNREACHABLE as err:
+        log(f"could not log this trial's cost ({err.__class__.__name__}); the sweep's sums leave it out")
 
 
 def _restorable(restored: Any, local: Path, log: Callable[[str], None], members: int = 0) -> Path | None:
@@ -254,12 +280,33 @@ def build_tuner(cfg: ExperimentConfig, trainable: Any, *, name: str, param_space
                                   checkpoint_config=checkpoint_config, callbacks=callbacks, verbose=0))
 
 
+def sweep_searcher(cfg: ExperimentConfig, sweep_id: str, warm: WarmStart | None = None) -> SweepSearcher | None:
+    """Optuna (TPE, or its random sampler for `searcher: random` with a budget or a warm start)
+    under segtune's rules (segtune.searcher); None: Tune's own random search."""
+    s = cfg.search
+    if s.searcher != "optuna" and warm is None and s.budget_gpu_hours is None:
+        return None
+    if s.searcher == "optuna":
+        # TPE's random start-up phase defaults to 10 trials; a short sweep would never leave it.
+        # Warm-start trials count towards it: Optuna counts every completed trial of its study.
+        sampler = optuna.samplers.TPESampler(seed=cfg.train.seed, n_startup_trials=max(2, s.num_samples // 3))
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=cfg.train.seed)
+    seeds = ({"points_to_evaluate": warm.points, "evaluated_rewards": warm.values}
+             if warm is not None and warm.points else {})
+    finished = {point_key(p): v for p, v in zip(seeds.get("points_to_evaluate", []),
+                                                seeds.get("evaluated_rewards", []), strict=True)}
+    return SweepSearcher(OptunaSearch(sampler=sampler, **seeds), sweep_id, finished)
+
+
 def tune_trials(cfg: ExperimentConfig, shared: SweepContext, *, address: str | None = None,
-                log: Callable[[str], None] = print) -> dict[str, str]:
+                warm: WarmStart | None = None, log: Callable[[str], None] = print) -> dict[str, str]:
     """Run (or resume) the sweep's Tuner until it ends or is interrupted; returns trial id -> status.
 
     `TERMINATED` trials ended normally, `ERROR` ones failed; any other status means the sweep
-    was interrupted (Ctrl-C) with that trial unfinished, and `--resume` continues it.
+    was interrupted (Ctrl-C) with that trial unfinished, and `--resume` continues it. `warm`:
+    finished trials of earlier sweeps for the searcher (segtune.warm_start; not on resume, whose
+    searcher comes back with its state). Whether the budget stopped it: `budget.budget_stopped`.
     """
     s = cfg.search
     if s.repeats is not None and cfg.resources.workers > 1:
@@ -267,11 +314,7 @@ def tune_trials(cfg: ExperimentConfig, shared: SweepContext, *, address: str | N
                           f"resources.workers={cfg.resources.workers} (data-parallel trials) cannot have "
                           "members. Set resources.workers: 1 or leave search.repeats out.")
     with ray_session(address):
-        searcher = None
-        if s.searcher == "optuna":
-            # TPE's random start-up phase defaults to 10 trials; a short sweep would never leave it.
-            sampler = optuna.samplers.TPESampler(seed=cfg.train.seed, n_startup_trials=max(2, s.num_samples // 3))
-            searcher = OptunaSearch(sampler=sampler)
+        searcher = sweep_searcher(cfg, shared.sweep_id, warm)
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(cfg),
                                    grace_period=s.grace_period, reduction_factor=s.reduction_factor)
                      if s.scheduler == "asha" else FIFOScheduler())
@@ -280,7 +323,14 @@ def tune_trials(cfg: ExperimentConfig, shared: SweepContext, *, address: str | N
         progress = TrialProgress(shared.sweep_id, s.num_samples, cfg.train.epochs, log,
                                  multi_worker=cfg.resources.workers > 1)
         path = experiment_dir(cfg, shared.sweep_id)
-        if tune.Tuner.can_restore(path):
+        resuming = tune.Tuner.can_restore(path)
+        spent = 0.0
+        if resuming and s.budget_gpu_hours is not None:  # what the earlier sessions' trials logged
+            from tracking.runs import sweep_costs
+
+            spent = sweep_costs(cfg.tracking.uri, cfg.tracking.experiment, shared.sweep_id)[f"cost/{unit(cfg)}_hours"]
+        open_ledger(cfg, shared.sweep_id, spent_before=spent, log=log)
+        if resuming:
             log(f"resuming the Tune experiment in {path}")
             tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True).fit()
             return FINAL_STATUSES.pop(shared.sweep_id)
@@ -296,6 +346,6 @@ def tune_trials(cfg: ExperimentConfig, shared: SweepContext, *, address: str | N
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints,
                                                     checkpoint_score_attribute=s.metric,
                                                     checkpoint_score_order=s.mode),
-            callbacks=[progress])
+            callbacks=[progress, BudgetClock(shared.sweep_id)])
         tuner.fit()
         return FINAL_STATUSES.pop(shared.sweep_id)

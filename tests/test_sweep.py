@@ -65,6 +65,27 @@ def test_one_finished_child_run_per_trial_under_one_parent(swept) -> None:
     assert parents[0].data.tags["segtune.best.run_id"] in {r.info.run_id for r in children}
 
 
+def test_the_sweep_run_says_what_mattered(swept, tmp_path) -> None:
+    """segtune.insight at the sweep's end: importance, figures and a narrowed space (tests/test_insight.py
+    checks the numbers on runs of known scores)."""
+    import yaml
+
+    from segtune.config import SearchDim
+
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(outcome.parent_run_id)
+    importance = {k: v for k, v in run.data.metrics.items() if k.startswith("importance/")}
+    assert set(importance) == {f"importance/{k}" for k in cfg.search.space}
+    assert sum(importance.values()) == pytest.approx(1.0)
+    names = {Path(f.path).name for f in client.list_artifacts(outcome.parent_run_id, "insight")}
+    assert names == {"importance.png", "parallel_coordinates.png", "suggested_space.yaml"}
+    text = Path(client.download_artifacts(outcome.parent_run_id, "insight/suggested_space.yaml", str(tmp_path)))
+    space = {k: SearchDim(**v) for k, v in yaml.safe_load(text.read_text())["search"]["space"].items()}
+    assert set(space) == set(cfg.search.space)
+    assert space["train.epochs"].kind == "randint" and 1 <= space["train.epochs"].args[0] < space["train.epochs"].args[1] <= 2
+
+
 def test_runs_lists_the_trials(swept) -> None:
     cfg, outcome = swept
     res = cli("runs", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--sweep", outcome.sweep_id)
@@ -316,3 +337,18 @@ def test_promote_with_prompt_floors_it_meets_passes_reading_the_finalists_scores
     version = client.get_model_version("segtune-sweep-floors", p.version)
     assert version.tags["segtune.gate.prompt_iou"] == "passed" and version.tags["segtune.gates"] == "passed"
     assert "| prompt_iou | passed |" in version.description
+
+
+def test_every_trial_logs_its_cost_and_the_sweep_run_their_sums(swept) -> None:
+    cfg, outcome = swept
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    trials = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`segtune.sweep_id` = '{outcome.sweep_id}' and tags.`segtune.kind` = 'trial'"))
+    # A CPU sweep: CPU-hours, pruned trials included (their cost is logged before each report).
+    assert all(r.data.metrics["cost/cpu_hours"] > 0 and r.data.metrics["cost/gpu_hours"] == 0 for r in trials)
+    sums = client.get_run(outcome.parent_run_id).data.metrics
+    assert sums["cost/cpu_hours"] == pytest.approx(sum(r.data.metrics["cost/cpu_hours"] for r in trials))
+    assert sums["cost/gpu_hours"] == 0
+    res = cli("runs", "sweep-test", "--tracking-uri", cfg.tracking.uri, "--sweep", outcome.sweep_id)
+    assert res.returncode == 0 and res.stdout.count("CPU-h") == len(trials), res.stdout

@@ -18,6 +18,8 @@ class TrialRow:
     val_dice_last: float | None
     test_iou: float | None
     status: str  # FINISHED, pruned, FAILED, RUNNING, KILLED
+    gpu_hours: float | None = None  # the trial's cost: GPUs x wall time (0 without GPUs)
+    cpu_hours: float | None = None  # CPUs x wall time, for a trial without GPUs
 
 
 def _num(value: str | None, kind: type) -> float | int | None:
@@ -38,5 +40,6 @@ def sweep_rows(uri: str, experiment: str, sweep_id: str | None = None) -> list[T
             lr=_num(p.get("train.lr"), float), batch_size=_num(p.get("train.batch_size"), int),
             epochs=_num(p.get("train.epochs"), int), val_dice_best=m.get("val/dice_best"),
             val_dice_last=m.get("val/dice"), test_iou=m.get("test/iou"), status=status,
+            gpu_hours=m.get("cost/gpu_hours"), cpu_hours=m.get("cost/cpu_hours"),
         ))
     return rows

@@ -121,11 +121,14 @@ class TrialRun:
     """
 
     def __init__(self, client: MlflowClient, run_id: str, spool_dir: Path | None = None,
-                 logged: set[tuple[str, int]] | None = None):
+                 logged: set[tuple[str, int]] | None = None, metrics: dict[str, float] | None = None):
         self.client, self.run_id, self.spool_dir = client, run_id, spool_dir
         self._pending: list[Metric] = []
         self._logged: set[tuple[str, int]] = logged or set()
         self.offline = False  # true while something waits in the spool
+        # The run's latest metric values when this attempt reattached (empty for a new run):
+        # what an earlier attempt spent, which a retried or resumed trial's cost adds to.
+        self.metrics_at_open: dict[str, float] = dict(metrics or {})
 
     @classmethod
     def open(cls, uri: str, experiment: str, *, sweep_id: str, trial_id: str, parent_run_id: str | None,
@@ -151,8 +154,13 @@ class TrialRun:
         if spool_dir is not None:
             deliver(client, spool_dir, run_id)  # what an earlier attempt could not send
         client.update_run(run_id, status="RUNNING")
-        logged = logged_steps(client, run_id, set(client.get_run(run_id).data.metrics))
-        return cls(client, run_id, spool_dir, logged)
+        metrics = client.get_run(run_id).data.metrics
+        return cls(client, run_id, spool_dir, logged_steps(client, run_id, set(metrics)), metrics)
+
+    def next_step(self, key: str) -> int:
+        """One past the highest step of `key` this run holds: a cumulative metric (cost) logged
+        again by a later attempt must not reuse a step, which would be skipped as already sent."""
+        return 1 + max((step for k, step in self._logged if k == key), default=-1)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -310,3 +318,49 @@ def end_sweep_run(uri: str, run_id: str, summary: dict[str, Any], status: str = 
     if tags:
         client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, status)
+
+
+COSTS = ("cost/gpu_hours", "cost/cpu_hours")
+
+
+def sweep_costs(uri: str, experiment: str, sweep_id: str) -> dict[str, float]:
+    """The sums of the sweep's trial runs' cost metrics (members are inside their trial's cost)."""
+    runs = trial_runs(uri, experiment, sweep_id)
+    return {key: sum(r.data.metrics.get(key, 0.0) for r in runs) for key in COSTS}
+
+
+def log_run_values(uri: str, run_id: str, metrics: dict[str, float] | None = None,
+                   tags: dict[str, str] | None = None) -> None:
+    """Metrics (step 0) and tags on a run in one request, whatever its status."""
+    now = int(time.time() * 1000)
+    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+                                tags=[RunTag(k, v) for k, v in _tags(tags or {}).items()])
+
+
+def log_trial_values(uri: str, experiment: str, sweep_id: str, trial_id: str, metrics: dict[str, float]) -> bool:
+    """Metrics (step 0) on the run of a sweep's trial found by its tags; False when it has none."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    run_id = find_trial_run(client, exp.experiment_id, sweep_id, trial_id) if exp is not None else None
+    if run_id is not None:
+        log_run_values(uri, run_id, metrics)
+    return run_id is not None
+
+
+def log_run_json(uri: str, run_id: str, data: Any, artifact_file: str) -> None:
+    """A JSON artifact on a run (e.g. the list of runs that seeded a sweep)."""
+    MlflowClient(uri).log_dict(run_id, data, artifact_file)
+
+
+def finished_trial_runs(uri: str, experiment: str, tags: dict[str, str], params: dict[str, str]) -> list[Any] | None:
+    """FINISHED trial runs of any sweep in `experiment` with these tag and param values (a
+    sweep's history for warm starts), oldest first; None when the experiment does not exist."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = " and ".join([f"tags.`{KIND}` = 'trial'", "attributes.status = 'FINISHED'",
+                          *(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
+                          *(f"params.`{k}` = '{v}'" for k, v in params.items())])
+    return client.search_runs([exp.experiment_id], filter_string=query,
+                              order_by=["attributes.start_time ASC"], max_results=5000)
