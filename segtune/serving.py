@@ -146,9 +146,11 @@ class SegtuneMaskModel(PythonModel):
         """The request's pixels as the store held them in training: mapped to 8 bit by the
         training data's `dataset.intensity` (a 16-bit microscope image as it comes), or, under
         `auto`, clipped to 0..255."""
-        from segtune.data.modes import read_options, to_uint8
+        # Not segtune.data: its package imports every dataset module and their dependencies,
+        # which a served model's environment does not carry.
+        from segtune.intensity import parse_intensity, to_uint8
 
-        intensity = read_options(intensity=self.cfg.dataset.intensity).intensity
+        intensity = parse_intensity(self.cfg.dataset.intensity)
         if intensity == "auto" or image.dtype == np.uint8:
             return np.clip(image, 0, 255).astype(np.uint8)
         return to_uint8(image, intensity, Path("the request's image"))

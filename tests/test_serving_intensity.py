@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -37,3 +40,14 @@ def test_16_bit_request_is_mapped_by_the_training_window() -> None:
 def test_auto_models_clip_as_before(image: np.ndarray) -> None:
     served = _served("auto")
     assert np.array_equal(served._eight_bit(image), np.clip(image, 0, 255).astype(np.uint8))
+
+
+def test_the_mapping_needs_none_of_the_datasets_dependencies() -> None:
+    """A registered model's environment pins what serving needs, not cityscapesscripts & co.:
+    the pyfunc's intensity mapping must not import segtune.data (whose package imports them)."""
+    code = ("import sys; sys.modules['cityscapesscripts'] = None; "  # as if it were not installed
+            "import numpy as np; from segtune.intensity import parse_intensity, to_uint8; "
+            "print(to_uint8(np.array([[0, 4095]], np.uint16), parse_intensity({'window': [0, 4095]}), None)"
+            ".tolist()); print('segtune.data' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[[0,", "255]]", "False"]

@@ -37,12 +37,12 @@ from segtune.data.modes import (
     ReadOptions,
     foreground,
     read_options,
-    to_uint8,
     values_present,
 )
 from segtune.data.raw import DataProblems, RawDataset, RawItem, Target
 from segtune.data.readers import read_image, read_labels
 from segtune.errors import DataError
+from segtune.intensity import to_uint8
 
 #: The class name (and index ``class``) of every sample.
 CLASS = "mitochondria"

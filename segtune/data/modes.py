@@ -1,15 +1,8 @@
 """How raw pixels become the store's 8-bit images and 0/1 masks: ``dataset.intensity``,
 ``dataset.masks`` and ``dataset.channel``.
 
-Intensities (applied per image; for EM stacks per slice) map values linearly to 0..255,
-rounded and clipped:
-
-- ``auto`` — 8-bit images as they are; 16-bit and float images are refused, naming the
-  options, as their window is the user's decision;
-- ``minmax`` — each image's own minimum to 0 and maximum to 255;
-- ``{percentile: [low, high]}`` — each image's ``low``-th and ``high``-th percentiles
-  (e.g. ``[1, 99.8]``, the microscopy convention);
-- ``{window: [low, high]}`` — a fixed range for every image (CT, a known detector range).
+Intensities are applied per image (for EM stacks per slice) by :mod:`segtune.intensity`,
+which lives outside this package so that a served model can use it too.
 
 Masks: ``binary`` (0/255 or 0/1), ``instances`` (an instance label map, 0 background and one
 value per object, any value > 0 foreground; the objects are kept for ``k_points``) or
@@ -28,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from segtune.errors import ConfigError, DataError
+from segtune.intensity import parse_intensity as _intensity
+from segtune.intensity import value_range
 
-INTENSITIES = "auto, minmax, {percentile: [low, high]} or {window: [low, high]}"
 MASK_MODES = "binary, instances or {labels: [v, ...]}"
 
 
@@ -60,21 +54,6 @@ def read_options(intensity: Any = "auto", masks: Any = "binary",
     return ReadOptions(_intensity(intensity), *_masks(masks), _channel(channel))
 
 
-def _intensity(value: Any) -> str | tuple[str, float, float]:
-    if value in ("auto", "minmax"):
-        return value
-    if isinstance(value, Mapping) and len(value) == 1:
-        (kind, bounds), = value.items()
-        if kind in ("percentile", "window") and isinstance(bounds, (list, tuple)) \
-                and len(bounds) == 2 and all(isinstance(b, (int, float)) and not
-                                             isinstance(b, bool) for b in bounds):
-            low, high = float(bounds[0]), float(bounds[1])
-            if low < high and (kind == "window" or (0 <= low and high <= 100)):
-                return kind, low, high
-    raise ConfigError(f"dataset.intensity: {value!r} is not an intensity setting; expected "
-                      f"{INTENSITIES}, with low < high (percentiles between 0 and 100).")
-
-
 def _masks(value: Any) -> tuple[str, tuple[int, ...]]:
     if value in ("binary", "instances"):
         return value, ()
@@ -95,37 +74,6 @@ def _channel(value: Any) -> int | None:
                       f"nothing for grey and RGB images.")
 
 
-def to_uint8(pixels: np.ndarray, intensity: str | tuple[str, float, float],
-             path: Path) -> np.ndarray:
-    """``pixels`` mapped to uint8 by ``intensity`` (8-bit input under ``auto``: unchanged)."""
-    if intensity == "auto":
-        if pixels.dtype == np.uint8:
-            return pixels
-        if pixels.dtype == bool:
-            return pixels.view(np.uint8) * np.uint8(255)
-        low, high = _range(pixels)
-        raise DataError(f"{path}: {pixels.dtype} pixels (16-bit or float) in [{low:g}, "
-                        f"{high:g}]; dataset.intensity auto reads only 8-bit images. Set "
-                        f"dataset.intensity to minmax, {{percentile: [1, 99.8]}} or {{window: "
-                        f"[low, high]}} to map them to 8 bit (segtune does not guess the window).")
-    values = pixels.astype(np.float32 if pixels.itemsize <= 2 else np.float64)
-    if intensity == "minmax":
-        low, high = _range(values)
-    elif intensity[0] == "percentile":
-        finite = values[np.isfinite(values)]
-        low, high = (np.percentile(finite, intensity[1:]) if finite.size else (0.0, 0.0))
-    else:
-        low, high = intensity[1:]
-    scale = 255.0 / (high - low) if high > low else 0.0
-    out = np.rint(np.clip((values - low) * scale, 0, 255))
-    return np.nan_to_num(out, nan=0.0).astype(np.uint8)
-
-
-def _range(values: np.ndarray) -> tuple[float, float]:
-    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
-    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-
-
 def foreground(labels: np.ndarray, reading: ReadOptions, path: Path,
                what: str = "foreground") -> tuple[np.ndarray, np.ndarray | None]:
     """The 0/1 mask of a label image (or stack) under ``dataset.masks``, and for
@@ -135,7 +83,7 @@ def foreground(labels: np.ndarray, reading: ReadOptions, path: Path,
     if labels.dtype == bool:
         labels = labels.view(np.uint8)
     if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
-        low, high = _range(labels) if labels.size else (0, 0)
+        low, high = value_range(labels) if labels.size else (0, 0)
         raise DataError(f"{path}: {labels.dtype} labels in [{low:g}, {high:g}]; expected "
                         f"non-negative integer labels for dataset.masks {reading.masks}.")
     if reading.masks == "instances":

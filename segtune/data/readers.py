@@ -19,10 +19,11 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from segtune.data.modes import DEFAULT, ReadOptions, foreground, to_uint8, values_present
+from segtune.data.modes import DEFAULT, ReadOptions, foreground, values_present
 from segtune.data.modes import binary_mask as binary_mask  # re-exported: the binary check
 from segtune.data.raw import DataProblems, Target
 from segtune.errors import ConfigError, DataError
+from segtune.intensity import to_uint8
 
 #: Image files a folder-based dataset picks up (masks too; JPEG masks usually fail the value
 #: check, which says why).

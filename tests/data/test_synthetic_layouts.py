@@ -3,7 +3,6 @@ reads it back with the real reader, quickly, and the same seed gives the same by
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,7 @@ def test_every_real_dataset_has_a_twin() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_twin_entry_writes_then_reads_the_real_layout(name: str, tmp_path: Path) -> None:
     root = tmp_path / "root"
-    start = time.perf_counter()
     raw = DATASETS[name](root)
-    # Each takes well under a second here (the EM stacks ~0.8 s); doubled for slow machines.
-    assert time.perf_counter() - start < 2.0
     assert raw.problems == () and raw.entries["train"] and raw.entries["test"]
     assert all(path.is_file() and path.is_relative_to(root) for path in raw.files)
     result = check_dataset(TWINS[name], root)  # the real name reads the same files
