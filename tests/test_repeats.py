@@ -87,7 +87,9 @@ def swept(tmp_path_factory, em_data, mlflow_server):
     cfg = load_config(DEMO, [
         f"dataset.root={em_data}", f"dataset.cache_dir={em_data / 'cache'}",
         "dataset.max_train=8", "dataset.max_eval=4", "train.epochs=2", "train.batch_size=4",
-        "search.num_samples=2", "search.space.train.epochs={choice: [2]}",
+        # FIFO: ASHA (grace 1) may stop either trial after its first epoch, depending on which
+        # reports first, and these tests check complete members.
+        "search.num_samples=2", "search.scheduler=fifo", "search.space.train.epochs={choice: [2]}",
         "search.space.train.batch_size={choice: [4]}", "search.grace_period=1",
         "search.repeats={folds: 2}", "search.metric=val/dice_lcb", "search.finalists=0",
         f"search.storage_path={tmp / 'ray'}", f"tracking.spool_dir={tmp / 'spool'}",
