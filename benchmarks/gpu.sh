@@ -26,7 +26,7 @@
 # exit status is 1 when any FAIL.
 # Usage: bash benchmarks/gpu.sh   (COMPILE=1 also compiles gpu_bench's full fine-tune: give it
 # GPU_BENCH_TIMEOUT=300). Timeouts: GPU_BENCH_TIMEOUT, GPU_LOOP_TIMEOUT, GPU_PATHS_TIMEOUT.
-# `make test` dry-runs all three scripts on the CPU with tiny models, and this script's
+# `make test-real` dry-runs all three scripts on the CPU with tiny models, and this script's
 # bookkeeping with stand-in scripts (tests/test_gpu_bench_dry_run.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -19,6 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"RESULT cpu tiny (?P<name>[a-z -]+): (?P<ips>[\d.]+) images/s, .* \((?P<gflop>[\d.e+-]+) GFLOP/image\)")
 
+# A minute and a half of CPU: `make test-real` runs it (CI too), beside the other heavy checks.
+pytestmark = pytest.mark.real
+
 
 def test_the_gpu_benchmark_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path), "BENCH_DEVICE": "cpu", "SAM_VARIANT": "tiny", "BENCH_SECONDS": "0.1",
