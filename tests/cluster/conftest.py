@@ -148,7 +148,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             try:
                 requests.get(endpoint, timeout=1)
                 break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a slow first answer: ask again
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not start:\n{log.read_text()[-2000:]}") from None
                 time.sleep(0.2)
