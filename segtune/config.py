@@ -48,15 +48,17 @@ class DatasetConfig(_Section):
     @field_validator("intensity", mode="before")
     @classmethod
     def _intensity(cls, v: Any) -> Any:
-        if v in ("auto", "minmax"):
-            return v
-        if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("percentile", "window"):
-            kind, bounds = next(iter(v.items()))
-            if (isinstance(bounds, list | tuple) and len(bounds) == 2
-                    and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
-                    and bounds[0] < bounds[1]
-                    and (kind == "window" or (0 <= bounds[0] and bounds[1] <= 100))):
-                return {kind: [float(b) for b in bounds]}
+        from segtune.intensity import parse_intensity  # the one rule, shared with the readers
+
+        try:
+            parsed = parse_intensity(v)
+        except ConfigError:
+            parsed = None
+        if isinstance(parsed, str):
+            return parsed
+        if parsed is not None:
+            kind, low, high = parsed
+            return {kind: [low, high]}
         raise ValueError(f"{v!r} is not an intensity setting; expected auto (8-bit images as they "
                          "are), minmax (per image), {percentile: [low, high]} (per image, e.g. "
                          "[1, 99.8]; 0 <= low < high <= 100) or {window: [low, high]} (fixed, "
